@@ -6,7 +6,8 @@ bidirectional, with and without key padding. For each case it
 
 * checks correctness: the kernel's and torch's bf16 outputs and gradients against an
   fp32 torch reference (relative L2 errors are reported, nothing is asserted);
-* times forward and forward+backward with ``triton.testing.do_bench`` (median ms) for
+* times forward and forward+backward with ``triton.testing.do_bench`` (median, 20th
+  and 80th percentile ms) for
   the kernel, SDPA (flash backend where it applies: no mask; the default backend with a
   boolean mask otherwise) and compiled FlexAttention (reported as unavailable or
   skipped when it cannot run or the time budget is spent);
@@ -86,14 +87,19 @@ def main(argv=None) -> int:
         import triton.testing
 
         def time_ms(fn, grad_to_none=None):
-            return float(triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median"))
+            """(median, p20, p80) in ms."""
+            return tuple(float(x) for x in triton.testing.do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8]))
     else:
 
         def time_ms(fn, grad_to_none=None):
             fn()  # warm-up (interpreter setup)
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
+            samples = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t0) * 1e3)
+            samples.sort()
+            return samples[1], samples[0], samples[2]
 
     flex_attention = create_block_mask = None
     flex_status = "skipped: --no-flex" if args.no_flex else ("skipped: cpu smoke" if not on_gpu else "")
@@ -191,10 +197,11 @@ def main(argv=None) -> int:
                     except Exception as exc:  # noqa: BLE001 - a baseline failing is a result
                         row[f"{name}_status"] = f"error: {type(exc).__name__}: {exc}"[:200]
                         continue
-                    row[f"{name}_fwd_ms"] = fwd_ms
-                    row[f"{name}_fwd_bwd_ms"] = fwd_bwd_ms
-                    row[f"{name}_fwd_tflops"] = fwd_flops / (fwd_ms * 1e-3) / 1e12
-                    row[f"{name}_fwd_bwd_tflops"] = 3.5 * fwd_flops / (fwd_bwd_ms * 1e-3) / 1e12
+                    for label, (median, p20, p80), flops in (("fwd", fwd_ms, fwd_flops), ("fwd_bwd", fwd_bwd_ms, 3.5 * fwd_flops)):
+                        row[f"{name}_{label}_ms"] = median
+                        row[f"{name}_{label}_ms_p20"] = p20
+                        row[f"{name}_{label}_ms_p80"] = p80
+                        row[f"{name}_{label}_tflops"] = flops / (median * 1e-3) / 1e12
                 rows.append(row)
                 del q, k, v, do, candidates
                 if on_gpu:
@@ -224,6 +231,10 @@ def main(argv=None) -> int:
             f"{cell(row, 'triton_fwd_bwd_tflops')} | {cell(row, 'sdpa_fwd_bwd_tflops')} | "
             f"{cell(row, 'flex_fwd_bwd_tflops')} | {err_triton:.2e} | {err_torch:.2e} |"
         )
+    notes = sorted({row.get("flex_status", "") for row in rows} - {"ok", ""})
+    notes += sorted({row[key] for row in rows for key in row if key.endswith("_status") and key != "flex_status"})
+    if notes:
+        lines += ["", "Notes: " + "; ".join(notes)]
     print("\n".join(lines))
     report = dict(
         device=torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.processor() or platform.machine()})",

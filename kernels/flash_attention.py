@@ -790,11 +790,16 @@ def flash_attention_backward(
 
 
 class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper over the Triton forward and backward launchers.
+    """Autograd wrapper over the Triton FlashAttention-2 (Dao 2023) launchers.
 
-    ``apply(q, k, v, causal, softmax_scale, key_padding_mask, segment_ids)`` with the
-    shapes of :func:`flash_attention_forward`; returns o (B, H, T, D). Saves o and the
-    fp32 log-sum-exp for the backward.
+    ``apply(q, k, v, causal, softmax_scale, key_padding_mask, segment_ids)``: q (B, H, T, D),
+    k and v (B, Hkv, T, D), all float16/bfloat16/float32; masks (B, T). Returns
+    o (B, H, T, D) in q's dtype. Saves o and the fp32 log-sum-exp (B, H, T) for the
+    backward, which returns dq, dk, dv in the inputs' shapes and dtype.
+
+    Raises:
+        ValueError: unsupported dtype or head_dim, mismatched shapes.
+        RuntimeError: Triton cannot run on these tensors.
     """
 
     @staticmethod
@@ -830,8 +835,9 @@ def flash_attention_ref(
 ) -> torch.Tensor:
     """Torch reference with the kernel's semantics: SDPA with an explicit boolean mask.
 
-    Used on CPU and as the test oracle (pass float64 tensors for that). Any floating
-    dtype and head_dim work; memory is O(B·T²) for the mask.
+    The CPU path of :func:`flash_attention` and the oracle for its FlashAttention-2
+    (Dao 2023) kernels (pass float64 tensors for that). Any floating dtype and head_dim
+    work; memory is O(B·T²) for the mask.
 
     Args:
         q: (B, H, T, D) floating point.
