@@ -63,8 +63,10 @@ except ImportError:  # Triton is optional: the torch path needs only torch.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Default torch-path chunk: about 2**22 fp32 logits (16 MiB) per chunk.
-_TORCH_CHUNK_ELEMENTS = 1 << 22
+# Default torch-path chunk: about 2**23 fp32 logits (32 MiB) per chunk. On CPU the three head
+# matmuls dominate; larger chunks mean fewer read-modify-writes of the (V, H) weight gradient,
+# and 256 to 1024 rows at V = 16,000 timed within a few percent of each other.
+_TORCH_CHUNK_ELEMENTS = 1 << 23
 
 
 # ---------------------------------------------------------------------------
@@ -316,7 +318,7 @@ def masked_token_loss_backward(h, weight, targets, lse, grad, *, z_loss=0.0, com
 
 
 def default_chunk_rows(vocab_size):
-    """Torch-path rows per chunk: a power of two giving about 2**22 fp32 logits (16 MiB), in [16, 4096]."""
+    """Torch-path rows per chunk: a power of two giving about 2**23 fp32 logits (32 MiB), in [16, 4096]."""
     rows = _TORCH_CHUNK_ELEMENTS / max(int(vocab_size), 1)
     return int(min(4096, max(16, 2 ** round(math.log2(max(rows, 1.0))))))
 
@@ -516,7 +518,7 @@ def masked_token_loss(
             over V equals the label.
         backend: "auto" (Triton for CUDA tensors or when TRITON_INTERPRET=1 and
             Triton is installed, torch otherwise), "triton" or "torch".
-        chunk_size: rows per chunk of the torch path (default: about 2**22
+        chunk_size: rows per chunk of the torch path (default: about 2**23
             logits per chunk, see :func:`default_chunk_rows`); the Triton path
             ignores it and tiles with its autotuned block sizes.
 
