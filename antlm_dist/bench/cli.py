@@ -1,0 +1,228 @@
+"""``antlm-bench``: the AntLM training step against the BabyLlama reference, over a matrix.
+
+    antlm-bench --config demo-cpu --config babyllama-58m-antlm --out runs/bench \\
+        --phases clm,mlm --micro-batch 8 --steps 5 --warmup 2 --profile
+    antlm-bench --compare runs/a/bench.json runs/b/bench.json
+
+The matrix is phase × attention × loss × ZeRO stage × micro-batch, for each ``--config``;
+attention and loss default to what ``auto`` resolves to on this device (on CPU: sdpa and
+the torch loss; "triton" on CPU would run the Triton interpreter, far too slow to time).
+Positional ``section.key=value`` overrides apply to every recipe. Writes ``bench.json``,
+``bench.md`` and ``bench.png`` into ``--out``. Exit status 2 on a usage or recipe error.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import shlex
+import socket
+import sys
+from pathlib import Path
+
+log = logging.getLogger("antlm_dist.bench")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="antlm-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", default=None,
+                   help="recipe YAML or shipped recipe name; repeat for several (default: demo-cpu)")
+    p.add_argument("--out", default=None, help="folder for bench.json, bench.md, bench.png")
+    p.add_argument("--phases", default="clm,mlm", help="comma list of clm, mlm (default: both)")
+    p.add_argument("--attention", default="auto", help="comma list of sdpa, triton, eager (default: auto's choice)")
+    p.add_argument("--loss", default="auto", help="comma list of torch, triton (default: auto's choice)")
+    p.add_argument("--zero", default=None, help="comma list of ZeRO stages 0-3 (default: the recipe's JSON)")
+    p.add_argument("--micro-batch", default=None, help="comma list of micro-batch sizes (default: the recipe's)")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per runner and phase (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per runner and phase (default 3)")
+    p.add_argument("--data", choices=("synthetic", "corpus"), default="synthetic",
+                   help="synthetic uniform tokens (default) or the recipe's corpus, tokenised and packed")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the HF reference step")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one step of the first AntLM runner and of the baseline per phase (torch.profiler)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print B ÷ A tokens/s and exit")
+    p.add_argument("overrides", nargs="*", help="dotted recipe overrides for every config, e.g. data.seq_len=64")
+    return p
+
+
+def _csv(text: str | None, cast=str) -> list:
+    return [cast(x.strip()) for x in text.split(",") if x.strip()] if text else []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _machine(device) -> dict:
+    import torch
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {"device": device.type, "device_name": name, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "hostname": socket.gethostname()}
+
+
+def _versions() -> dict:
+    import deepspeed
+    import torch
+    import transformers
+
+    from antlm_dist import __version__
+
+    return {"antlm_dist": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Run the matrix and write the reports. Returns the ``bench.json`` content."""
+    import torch
+
+    from antlm_dist.bench.flops import peak_flops_per_device
+    from antlm_dist.bench.harness import PHASES, BenchPlan, Variant, run_group
+    from antlm_dist.bench.report import write_json, write_markdown, write_plot
+    from antlm_dist.config import ConfigError, load_recipe
+    from antlm_dist.distributed import init_distributed, resolve_precision
+    from antlm_dist.model.attention import resolve_attention_impl
+    from antlm_dist.telemetry import Telemetry
+
+    if args.out is None:
+        raise ConfigError("--out DIR is required (where bench.json, bench.md and bench.png go)")
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise ConfigError("antlm-bench runs as one process (world size 1); start it without a launcher")
+    if args.steps < 1 or args.warmup < 1:
+        raise ConfigError(f"--steps ({args.steps}) and --warmup ({args.warmup}) must be >= 1 "
+                          "(peak memory is read during the warm-up)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = args.config or ["demo-cpu"]
+    recipes = [(c, load_recipe(c, args.overrides)) for c in configs]
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    phases = [p.upper() for p in _csv(args.phases)]
+    bad = [p for p in phases if p not in PHASES]
+    if bad or not phases:
+        raise ConfigError(f"--phases {args.phases!r}: use a comma list of clm, mlm")
+    attentions = [resolve_attention_impl(a, device) for a in _csv(args.attention)]
+    losses = _csv(args.loss)
+    if "auto" in losses:
+        from antlm_dist.kernels.masked_token_loss import _use_triton
+
+        auto_loss = "triton" if _use_triton("auto", device) else "torch"
+        losses = [auto_loss if x == "auto" else x for x in losses]
+    bad = [x for x in losses if x not in ("torch", "triton")]
+    if bad or not losses:
+        raise ConfigError(f"--loss {args.loss!r}: use a comma list of torch, triton (or auto)")
+    zeros = _csv(args.zero, int)
+    if any(z not in (0, 1, 2, 3) for z in zeros):
+        raise ConfigError(f"--zero {args.zero!r}: ZeRO stages are 0, 1, 2, 3")
+    micro_batches = _csv(args.micro_batch, int) or None
+    if micro_batches and min(micro_batches) < 1:
+        raise ConfigError(f"--micro-batch {args.micro_batch!r}: sizes must be >= 1")
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    init_distributed(recipes[0][1], device)
+
+    precision = resolve_precision(recipes[0][1], device)
+    peak, peak_source = peak_flops_per_device(device, precision)
+    log.info("peak for MFU: %.3f TFLOP/s (%s)", peak / 1e12, peak_source)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    telemetry = Telemetry(device if device.type == "cuda" else None, interval_s=0.02).start()
+    records = []
+    try:
+        for name, recipe in recipes:
+            from antlm_dist.distributed import build_ds_config, zero_stage
+
+            recipe_zero = zero_stage(build_ds_config(recipe, 1, device, recipe_source=name))
+            variants = [Variant(a, lo, z) for a in attentions for lo in losses for z in (zeros or [recipe_zero])]
+            plan = BenchPlan(phases=phases, variants=variants, micro_batches=micro_batches, steps=args.steps,
+                             warmup=args.warmup, data=args.data, baseline=args.baseline, profile=args.profile)
+            for mb in micro_batches or [recipe.train.micro_batch_size]:
+                records += run_group(Path(name).stem, recipe, mb, plan, device, precision, telemetry, peak,
+                                     out / "data")
+    finally:
+        telemetry.stop()
+    result = {
+        "schema": 1,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "antlm-bench " + shlex.join(argv),
+        "machine": _machine(device), "versions": _versions(),
+        "peak_flops": {"flops_per_s": peak, "source": peak_source},
+        "precision": precision,
+        "plan": {"configs": configs, "phases": phases, "attention": attentions, "loss": losses,
+                 "zero": zeros or "recipe", "micro_batch": micro_batches or "recipe", "steps": args.steps,
+                 "warmup": args.warmup, "data": args.data, "baseline": args.baseline, "overrides": args.overrides},
+        "records": records,
+        "notes": [],
+    }
+    if device.type == "cpu":
+        result["notes"].append(
+            "CPU: the MFU peak is a matmul measured at start-up on this machine, not a datasheet figure; "
+            "peak memory is process RSS (psutil), sampled every 20 ms, and so approximate.")
+    write_json(out / "bench.json", result)
+    write_markdown(out / "bench.md", result)
+    write_plot(out / "bench.png", result)
+    return result
+
+
+def _print_summary(result: dict) -> None:
+    for r in result["records"]:
+        sp = r["speedup_vs_baseline"]
+        print(f"{r['config']:<22} {r['phase']} {r['label']:<30} mb {r['micro_batch']:>3}: "
+              f"{r['tokens_per_s_per_device']:>10,.0f} tok/s  {1000 * r['step_time_s']['median']:8.1f} ms  "
+              f"MFU {100 * r['mfu']:5.1f}%  mem {r['mem_peak_gib']:.2f} GiB"
+              + ("" if sp is None else f"  {sp:.2f}× baseline"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_arg_parser().parse_args(argv)
+    if args.compare:
+        from antlm_dist.bench.report import compare
+
+        try:
+            print(compare(*args.compare))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"antlm-bench: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("DeepSpeed", "deepspeed", "datasets", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import torch.distributed as dist
+
+    started_group = not (dist.is_available() and dist.is_initialized())
+    try:
+        result = run(args, argv)
+    except ValueError as exc:  # ConfigError, CorpusError, TokenizerError
+        print(f"antlm-bench: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if started_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    _print_summary(result)
+    print(f"wrote {Path(args.out) / 'bench.json'}, bench.md, bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
