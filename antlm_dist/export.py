@@ -1,0 +1,358 @@
+"""``antlm-export``: a DeepSpeed checkpoint of any ZeRO stage and world size → a Hugging Face folder.
+
+The exported folder loads offline with ``transformers.LlamaForCausalLM.from_pretrained``
+and ``AutoTokenizer.from_pretrained``, and back into our own model with
+:func:`load_pretrained` (for continued training or bidirectional, MLM-mode scoring)::
+
+    <out>/config.json              LlamaConfig + ``antlm`` (schedule, step, version, recipe, tokenizer hash)
+    <out>/generation_config.json   bos/eos/pad ids of the run's tokenizer
+    <out>/model.safetensors        fp32 weights, HF Llama parameter names
+    <out>/tokenizer.json, tokenizer_config.json
+
+Weights: ZeRO keeps fp32 master weights partitioned over ranks (in the optimizer state
+files); DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` merges them on CPU,
+without a process group, whatever the training world size. Checkpoints saved without
+ZeRO partitioning (no ``*optim_states.pt`` with flat fp32 groups) are read from the
+module state in ``mp_rank_00_model_states.pt``.
+
+``--untrained`` writes the same recipe and tokenizer with freshly initialised weights
+(the trainer's initialisation: ``torch.manual_seed(derive_seed(train.seed, 0))`` then
+``build_model``), recorded as step 0: the baseline for zero-shot evaluations.
+
+Only ``model.arch: llama`` exports here; :data:`HF_CONFIG_BUILDERS` is the place to add
+another backbone (its HF config class and model class).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from antlm_dist import __version__
+from antlm_dist.checkpoint import TAG_PREFIX, CheckpointError, latest_tag
+from antlm_dist.config import ModelConfig, Recipe, recipe_from_dict
+
+ANTLM_CONFIG_KEY = "antlm"
+"""Key in ``config.json`` under which the AntLM metadata is stored (a dict)."""
+
+
+class ExportError(ValueError):
+    """The checkpoint or the output folder cannot be used for an export."""
+
+
+# ----------------------------------------------------------------------------- finding the checkpoint
+
+def resolve_checkpoint(path: Path | str) -> tuple[Path, str, Path]:
+    """Resolve a run folder, its ``checkpoints/`` folder or one tag folder.
+
+    Args:
+        path: ``<run>``, ``<run>/checkpoints`` (→ the latest complete tag) or
+            ``<run>/checkpoints/stepNNNNNNNN``.
+
+    Returns:
+        (checkpoints folder, tag, run folder). The run folder holds ``tokenizer/``.
+
+    Raises:
+        ExportError: the path does not exist, or holds no complete checkpoint.
+    """
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ExportError(f"--checkpoint {p}: no such folder; give a run folder, its checkpoints/ or a step folder")
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if p.name.startswith(TAG_PREFIX) and (p / "client_state.json").is_file():
+        if not (p / "COMPLETE").is_file():
+            raise ExportError(f"--checkpoint {p} is incomplete (no COMPLETE marker); the save was interrupted")
+        ckpt_dir, tag = p.parent, p.name
+    else:
+        tag = latest_tag(p)
+        if tag is None:
+            raise ExportError(
+                f"--checkpoint {p}: no complete checkpoint (stepNNNNNNNN/ with COMPLETE) there; "
+                "give a run folder, its checkpoints/ or a step folder"
+            )
+        ckpt_dir = p
+    return ckpt_dir, tag, ckpt_dir.parent
+
+
+def read_checkpoint_state(ckpt_dir: Path, tag: str) -> dict:
+    """The trainer's client state (``client_state.json``) of one tag.
+
+    Raises:
+        ExportError: missing, or without the ``recipe`` the export needs.
+    """
+    f = Path(ckpt_dir) / tag / "client_state.json"
+    if not f.is_file():
+        raise ExportError(f"{f} is missing; this is not a checkpoint written by antlm-train")
+    state = json.loads(f.read_text())
+    if "recipe" not in state:
+        raise ExportError(f"{f} holds no 'recipe'; re-save the checkpoint with this antlm-dist version")
+    return state
+
+
+def consolidate_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 full weights of one tag, merged over ranks, on CPU.
+
+    Returns:
+        {parameter name: fp32 tensor}, HF Llama names (``model.embed_tokens.weight`` …).
+
+    Raises:
+        ExportError: DeepSpeed's files are missing or unreadable.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag_dir = Path(ckpt_dir) / tag
+    if any(tag_dir.glob("*optim_states.pt")):
+        try:
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        except Exception as exc:  # noqa: BLE001 - DeepSpeed raises assorted types
+            raise ExportError(f"could not merge the ZeRO checkpoint {tag_dir}: {exc}") from exc
+    else:  # saved without ZeRO partitioning: the module state is complete on rank 0
+        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise ExportError(f"{tag_dir} holds neither *optim_states.pt nor mp_rank_*_model_states.pt")
+        sd = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.detach().to(torch.float32).contiguous() for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------- HF config per architecture
+
+def _llama_hf_config(m: ModelConfig, tok):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads or m.num_attention_heads, hidden_act="silu",
+        max_position_embeddings=m.max_position_embeddings, initializer_range=m.initializer_range,
+        rms_norm_eps=m.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    cfg.architectures = ["LlamaForCausalLM"]
+    return cfg
+
+
+def _llama_hf_model(cfg):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM(cfg)
+
+
+HF_CONFIG_BUILDERS = {"llama": (_llama_hf_config, _llama_hf_model)}
+"""``model.arch`` → (build the HF config from (ModelConfig, tokenizer), build the HF model from it)."""
+
+
+def _builders(arch: str):
+    if arch not in HF_CONFIG_BUILDERS:
+        raise ValueError(
+            f"model.arch={arch!r} cannot be exported to a Hugging Face folder yet; supported: "
+            f"{', '.join(sorted(HF_CONFIG_BUILDERS))}"
+        )
+    return HF_CONFIG_BUILDERS[arch]
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_hf_folder(out: Path, recipe: Recipe, state_dict: dict[str, torch.Tensor], tokenizer_dir: Path,
+                    meta: dict, *, overwrite: bool = False) -> Path:
+    """Write config, fp32 safetensors weights, generation config and tokenizer into ``out``.
+
+    Args:
+        out: the folder to create (must be absent or empty unless ``overwrite``).
+        recipe: the run's recipe; ``recipe.model`` gives the architecture.
+        state_dict: {name: fp32 tensor} with our (= HF Llama) parameter names.
+        tokenizer_dir: a folder holding the run's ``tokenizer.json``.
+        meta: extra AntLM metadata stored in ``config.json`` under ``antlm`` (step,
+            schedule, …); the version, tokenizer hash and recipe are added here.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ExportError: ``out`` holds files and ``overwrite`` is False, or the weights do not
+            match the architecture (missing/unexpected names or shapes).
+        ValueError: an architecture without an HF mapping.
+    """
+    from transformers import GenerationConfig
+
+    from antlm_dist.data.tokenizer import check_vocab_matches, load_tokenizer, tokenizer_hash
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"--out {out} is not empty; pass --overwrite or choose another folder")
+        shutil.rmtree(out)
+    build_config, build_model = _builders(recipe.model.arch)
+    tok = load_tokenizer(tokenizer_dir)
+    check_vocab_matches(tok, recipe.model.vocab_size, str(tokenizer_dir))
+    config = build_config(recipe.model, tok)
+    setattr(config, ANTLM_CONFIG_KEY, {
+        "antlm_dist_version": __version__, "arch": recipe.model.arch,
+        "tokenizer_hash": tokenizer_hash(Path(tokenizer_dir) / "tokenizer.json"
+                                         if Path(tokenizer_dir).is_dir() else tokenizer_dir),
+        **meta, "recipe": recipe.to_dict(),
+    })
+    hf_model = build_model(config)
+    try:
+        hf_model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ExportError(f"the checkpoint's weights do not fit model.arch={recipe.model.arch}: {exc}") from exc
+    hf_model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                                  pad_token_id=tok.pad_token_id)
+    tok.model_max_length = recipe.model.max_position_embeddings
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def export_checkpoint(checkpoint: Path | str, out: Path | str, *, overwrite: bool = False,
+                      untrained: bool = False) -> Path:
+    """Export one trained checkpoint (or, with ``untrained``, its freshly initialised twin).
+
+    Args:
+        checkpoint: see :func:`resolve_checkpoint`.
+        out: the HF folder to write.
+        untrained: same recipe and tokenizer, weights from the trainer's initialisation
+            (seed ``derive_seed(train.seed, 0)``), recorded as step 0.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ExportError: see :func:`resolve_checkpoint`, :func:`write_hf_folder`; also when
+            the run's tokenizer differs from the one the checkpoint recorded.
+    """
+    from antlm_dist.data.sampler import derive_seed
+    from antlm_dist.data.tokenizer import tokenizer_hash
+    from antlm_dist.model import build_model
+
+    ckpt_dir, tag, run_dir = resolve_checkpoint(checkpoint)
+    state = read_checkpoint_state(ckpt_dir, tag)
+    recipe = recipe_from_dict(state["recipe"])
+    tok_dir = run_dir / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise ExportError(f"{tok_dir}/tokenizer.json is missing; the export needs the run's tokenizer folder")
+    recorded = state.get("tokenizer_hash")
+    if recorded and tokenizer_hash(tok_dir / "tokenizer.json") != recorded:
+        raise ExportError(f"{tok_dir} is not the tokenizer checkpoint {tag} was trained with (hash differs)")
+    meta = {"schedule": state.get("schedule"), "step": int(state.get("step", 0)), "source_checkpoint": str(ckpt_dir / tag),
+            "world_size": state.get("world_size"), "untrained": untrained}
+    if untrained:
+        torch.manual_seed(derive_seed(recipe.train.seed, 0))
+        sd = {k: v.detach().float() for k, v in build_model(recipe.model).state_dict().items()}
+        meta["step"] = 0
+    else:
+        sd = consolidate_state_dict(ckpt_dir, tag)
+    return write_hf_folder(Path(out), recipe, sd, tok_dir, meta, overwrite=overwrite)
+
+
+# ----------------------------------------------------------------------------- loading back
+
+def read_antlm_meta(folder: Path | str) -> dict:
+    """The ``antlm`` block of an exported ``config.json`` ({} for a plain HF folder).
+
+    Raises:
+        ExportError: ``config.json`` is missing.
+    """
+    f = Path(folder) / "config.json"
+    if not f.is_file():
+        raise ExportError(f"{folder}: no config.json; give a folder written by antlm-export")
+    return json.loads(f.read_text()).get(ANTLM_CONFIG_KEY) or {}
+
+
+def _model_config_from_hf(cfg: dict) -> ModelConfig:
+    """A ModelConfig from HF Llama fields (for folders without AntLM metadata)."""
+    rope = cfg.get("rope_parameters") or {}
+    return ModelConfig(
+        arch="llama", vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+        num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg.get("num_key_value_heads"),
+        max_position_embeddings=cfg["max_position_embeddings"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        initializer_range=cfg.get("initializer_range", 0.02),
+    )
+
+
+def load_pretrained(folder: Path | str, device: str | torch.device = "cpu"):
+    """Load an exported folder into our model, in eval mode, fp32.
+
+    Args:
+        folder: written by :func:`write_hf_folder` (or a plain HF Llama folder with a
+            tokenizer that has ``<pad> <s> </s> <unk> <mask>``).
+        device: where to put the model.
+
+    Returns:
+        (:class:`~antlm_dist.model.llama.AntLMForPretraining`, ``PreTrainedTokenizerFast``).
+        The model's ``forward(input_ids, attention_mask, labels=None, *, causal)`` serves
+        both the causal and the bidirectional mask.
+
+    Raises:
+        ExportError: no ``config.json``, ``model.safetensors`` or ``tokenizer.json``.
+        ValueError: an architecture other than ``llama``.
+        TokenizerError: the tokenizer lacks a special token or mismatches the vocabulary.
+    """
+    from safetensors.torch import load_file
+
+    from antlm_dist.data.tokenizer import check_vocab_matches, load_tokenizer
+    from antlm_dist.model import build_model
+
+    folder = Path(folder)
+    meta = read_antlm_meta(folder)
+    hf_cfg = json.loads((folder / "config.json").read_text())
+    if "recipe" in meta:
+        model_cfg = recipe_from_dict(meta["recipe"]).model
+    elif hf_cfg.get("model_type") == "llama":
+        model_cfg = _model_config_from_hf(hf_cfg)
+    else:
+        raise ValueError(f"{folder}: model_type={hf_cfg.get('model_type')!r} is not supported; export a llama run")
+    if model_cfg.arch != "llama":
+        raise ValueError(f"{folder}: model.arch={model_cfg.arch!r} cannot be loaded here yet; supported: llama")
+    if not (folder / "tokenizer.json").is_file():
+        raise ExportError(f"{folder} has no tokenizer.json; export the model with antlm-export, which copies the run's tokenizer")
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ExportError(f"{folder} has no model.safetensors")
+    tok = load_tokenizer(folder)
+    check_vocab_matches(tok, model_cfg.vocab_size, str(folder))
+    model = build_model(model_cfg)
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.to(device).eval(), tok
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="antlm-export",
+        description="Export an antlm-train checkpoint (any ZeRO stage, any world size) to a Hugging Face folder.",
+    )
+    p.add_argument("--checkpoint", required=True,
+                   help="run folder, its checkpoints/ folder (latest complete tag) or a checkpoints/stepNNNNNNNN folder")
+    p.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--untrained", action="store_true",
+                   help="write the run's recipe and tokenizer with freshly initialised weights (step 0 baseline)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    try:
+        out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, untrained=args.untrained)
+    except (ValueError, CheckpointError) as exc:  # ExportError, ConfigError, TokenizerError
+        print(f"antlm-export: error: {exc}", file=sys.stderr)
+        return 2
+    meta = read_antlm_meta(out)
+    print(f"exported {'untrained ' if meta.get('untrained') else ''}step {meta.get('step')} "
+          f"({meta.get('schedule')}) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
