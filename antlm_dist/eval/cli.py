@@ -1,0 +1,193 @@
+"""``antlm-eval``: zero-shot BLiMP and held-out losses of an exported model, on one process.
+
+Subcommands::
+
+    antlm-eval blimp   --model DIR --data DIR --mode clm|mlm|both --out FILE.json
+                       [--limit N] [--batch-size B] [--device cpu|cuda] [--prefix bos|eos]
+    antlm-eval heldout --model DIR --corpus DIR|bundled [--max-blocks N] [--out FILE.json]
+    antlm-eval compare A.json B.json ... [--names a b ...] [--out FILE.md]
+
+``--model`` is a folder written by ``antlm-export`` (see :mod:`antlm_dist.export`). The
+BLiMP scores are defined in :mod:`antlm_dist.eval.blimp` (CLM: summed log p(w | <s>);
+MLM: pseudo-log-likelihood, Salazar et al. 2020); ``heldout`` reuses the trainer's own
+:func:`antlm_dist.eval.heldout.evaluate_heldout`, so its numbers equal the trainer's
+evaluations of the same weights and blocks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from antlm_dist.eval.blimp import format_markdown, read_blimp, score_pairs, summarize
+
+MODE_TITLES = {"clm": "CLM", "mlm": "MLM (PLL)"}
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+
+
+# ----------------------------------------------------------------------------- blimp
+
+def run_blimp(args: argparse.Namespace) -> dict:
+    """Score BLiMP in the requested modes; write ``--out`` (JSON) and ``--out`` with ``.md``."""
+    from antlm_dist.export import load_pretrained, read_antlm_meta
+
+    device = _device(args.device)
+    pairs = read_blimp(args.data, args.limit)  # parse everything before loading the model
+    model, tok = load_pretrained(args.model, device)
+    prefix_id = {"bos": tok.bos_token_id, "eos": tok.eos_token_id}[args.prefix]
+    modes = ["clm", "mlm"] if args.mode == "both" else [args.mode]
+    results, wall = {}, {}
+    for mode in modes:
+        t0 = time.perf_counter()
+        scored = score_pairs(model, tok, pairs, mode, batch_size=args.batch_size, prefix_id=prefix_id,
+                             progress=not args.no_progress)
+        wall[mode] = time.perf_counter() - t0
+        results[mode] = summarize(pairs, scored["correct"])
+        print(f"{MODE_TITLES[mode]}: {100 * results[mode]['overall']:.1f}% over {len(pairs)} pairs "
+              f"({wall[mode]:.1f} s)", file=sys.stderr)
+    meta = read_antlm_meta(args.model)
+    report = {
+        "model": str(args.model), "data": str(args.data), "modes": modes, "limit": args.limit,
+        "prefix": args.prefix, "batch_size": args.batch_size, "device": str(device), "pairs": len(pairs),
+        "wall_time_s": wall, "torch_threads": torch.get_num_threads(),
+        "antlm": {k: v for k, v in meta.items() if k != "recipe"}, "results": results,
+    }
+    out = Path(args.out)
+    _write_json(out, report)
+    md = format_markdown({MODE_TITLES[m]: results[m] for m in modes})
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    return report
+
+
+# ----------------------------------------------------------------------------- heldout
+
+def run_heldout(args: argparse.Namespace) -> dict:
+    """CLM perplexity and MLM loss/accuracy on the corpus's ``.dev`` blocks (trainer's code)."""
+    from antlm_dist.config import Recipe, recipe_from_dict
+    from antlm_dist.data.corpus import CorpusError, find_corpus
+    from antlm_dist.data.tokenizer import tokenizer_hash
+    from antlm_dist.eval.heldout import evaluate_heldout
+    from antlm_dist.export import load_pretrained, read_antlm_meta
+    from antlm_dist.train import load_blocks, make_collators
+
+    device = _device(args.device)
+    model, tok = load_pretrained(args.model, device)
+    meta = read_antlm_meta(args.model)
+    recipe = recipe_from_dict(meta["recipe"]) if "recipe" in meta else Recipe(model=model.config)
+    corpus = find_corpus(args.corpus)
+    if not corpus.dev:
+        raise CorpusError(f"--corpus {args.corpus}: no *.dev files; heldout evaluation needs a dev split")
+    seq_len = args.seq_len or recipe.data.seq_len
+    max_blocks = args.max_blocks if args.max_blocks is not None else recipe.data.max_eval_blocks
+    with tempfile.TemporaryDirectory(prefix="antlm-eval-") as tmp:
+        cache = Path(args.cache_dir) if args.cache_dir else Path(tmp)
+        blocks = load_blocks(corpus.dev, tok, tokenizer_hash(Path(args.model) / "tokenizer.json"), seq_len, cache,
+                             1, True, "dev")
+    if max_blocks is not None:
+        blocks = blocks[:max_blocks]
+    clm, mlm = make_collators(recipe, tok)
+    t0 = time.perf_counter()
+    res = evaluate_heldout(model, blocks, clm, mlm, args.batch_size, device)
+    report = {"model": str(args.model), "corpus": corpus.root, "blocks": int(blocks.shape[0]), "seq_len": seq_len,
+              "wall_time_s": time.perf_counter() - t0, **res}
+    print(f"CLM loss {res['clm']['loss']:.4f} nats/token (ppl {res['clm']['ppl']:.2f}) | MLM loss "
+          f"{res['mlm']['loss']:.4f} (accuracy {res['mlm']['accuracy']:.3f}) on {blocks.shape[0]} blocks of "
+          f"{seq_len} tokens")
+    if args.out:
+        _write_json(Path(args.out), report)
+    return report
+
+
+# ----------------------------------------------------------------------------- compare
+
+def run_compare(args: argparse.Namespace) -> str:
+    """One Markdown table with a column per (result file, mode)."""
+    columns = {}
+    names = args.names or [Path(f).stem for f in args.results]
+    if len(names) != len(args.results):
+        raise ValueError(f"--names gives {len(names)} names for {len(args.results)} result files")
+    for name, f in zip(names, args.results):
+        rep = json.loads(Path(f).read_text())
+        for mode in rep["modes"]:
+            columns[f"{name} {MODE_TITLES[mode]}"] = rep["results"][mode]
+    md = format_markdown(columns)
+    if args.out:
+        Path(args.out).write_text(md)
+    print(md)
+    return md
+
+
+# ----------------------------------------------------------------------------- entry
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="antlm-eval", description="Evaluate a model exported with antlm-export.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("blimp", help="zero-shot BLiMP minimal pairs (Warstadt et al. 2020) in CLM and/or MLM mode")
+    b.add_argument("--model", required=True, help="folder written by antlm-export")
+    b.add_argument("--data", required=True, help="folder of BLiMP *.jsonl files (or one file)")
+    b.add_argument("--mode", choices=("clm", "mlm", "both"), default="both",
+                   help="clm: summed log p(sentence | <s>); mlm: pseudo-log-likelihood (Salazar et al. 2020)")
+    b.add_argument("--out", required=True, help="results JSON; a Markdown table is written beside it (.md)")
+    b.add_argument("--limit", type=int, default=None, help="first N pairs of each file (default: all)")
+    b.add_argument("--batch-size", type=int, default=256,
+                   help="sequences per forward pass (MLM: masked copies) (default: 256)")
+    b.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    b.add_argument("--prefix", choices=("bos", "eos"), default="bos",
+                   help="context token before each sentence: <s> (default) or </s> (the trainer's line separator)")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b.set_defaults(func=run_blimp)
+
+    h = sub.add_parser("heldout", help="CLM perplexity and MLM loss/accuracy on the corpus's .dev files")
+    h.add_argument("--model", required=True, help="folder written by antlm-export")
+    h.add_argument("--corpus", default="bundled", help="corpus folder in the BabyLM layout, or 'bundled'")
+    h.add_argument("--max-blocks", type=int, default=None,
+                   help="first N packed dev blocks (default: the run's data.max_eval_blocks)")
+    h.add_argument("--seq-len", type=int, default=None, help="tokens per block (default: the run's data.seq_len)")
+    h.add_argument("--batch-size", type=int, default=32, help="blocks per forward pass")
+    h.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    h.add_argument("--cache-dir", default=None, help="keep the tokenised dev set here (default: a temporary folder)")
+    h.add_argument("--out", default=None, help="also write the results as JSON")
+    h.set_defaults(func=run_heldout)
+
+    c = sub.add_parser("compare", help="one Markdown table from several 'antlm-eval blimp' result files")
+    c.add_argument("results", nargs="+", help="JSON files written by antlm-eval blimp")
+    c.add_argument("--names", nargs="+", default=None, help="a column name per file (default: file stems)")
+    c.add_argument("--out", default=None, help="also write the table here")
+    c.set_defaults(func=run_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    for name in ("limit", "batch_size", "max_blocks", "seq_len"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            print(f"antlm-eval: error: --{name.replace('_', '-')} must be > 0, got {value}", file=sys.stderr)
+            return 2
+    try:
+        args.func(args)
+    except (ValueError, OSError) as exc:  # BlimpFormatError, SentenceTooLongError, ExportError, CorpusError …
+        print(f"antlm-eval: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
