@@ -28,6 +28,8 @@ Measurements:
   the profiler records every CPU allocator allocation and free with its size
   and time, and the peak of their running sum is the high-water mark of live
   tensor bytes. (It counts tensor storage, not allocator caching or RSS.)
+* head TFLOP/s: useful LM-head work, 6 * H * V FLOPs per target row, over the
+  median time (a method that computes ignored rows gets no credit for them).
 
 Prints a Markdown table and writes JSON to ``--out``. Asserts nothing.
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -166,6 +169,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    load_before = os.getloadavg()
     results = []
     for size_name in args.sizes.split(","):
         size = SIZES[size_name]
@@ -197,18 +201,20 @@ def main(argv=None):
 
     print()
     print(f"device {device} ({platform.processor() or platform.machine()}), dtype {dtype}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, repeats {args.repeats}")
+          f"threads {torch.get_num_threads()}, repeats {args.repeats}, load average before/after "
+          f"{load_before[0]:.1f}/{os.getloadavg()[0]:.1f}")
     print()
-    print("| size | phase | variant | median ms (p20-p80) | peak extra MiB | speed-up vs naive | memory vs naive |")
-    print("|---|---|---|---|---|---|---|")
+    print("| size | phase | variant | median ms (p20-p80) | head TFLOP/s | peak extra MiB | speed-up vs naive | memory vs naive |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if r["median_ms"] is None:
-            print(f"| {r['size']} | {r['phase']} | {r['variant']} | n/a | n/a | n/a | n/a |")
+            print(f"| {r['size']} | {r['phase']} | {r['variant']} | n/a | n/a | n/a | n/a | n/a |")
             continue
         print(f"| {r['size']} | {r['phase']} | {r['variant']} | {r['median_ms']:.0f} ({r['p20_ms']:.0f}-{r['p80_ms']:.0f}) "
-              f"| {r['peak_extra_mib']:.1f} | {r['speedup_vs_naive']:.2f}x | {r['mem_vs_naive']:.3f} |")
+              f"| {r['head_tflops']:.3f} | {r['peak_extra_mib']:.1f} | {r['speedup_vs_naive']:.2f}x | {r['mem_vs_naive']:.3f} |")
     meta = {"device": str(device), "dtype": str(dtype), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "warmup": args.warmup, "repeats": args.repeats,
+            "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
             "memory_method": "cuda max_memory_allocated delta" if device.type == "cuda"
             else "torch.profiler allocation events, peak of running sum"}
     with open(args.out, "w") as f:
