@@ -1,0 +1,61 @@
+"""Console entry points: ``antlm-train``, ``antlm-export``, ``antlm-eval``, ``antlm-bench``."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def _under_launcher() -> bool:
+    """True when torchrun, the deepspeed launcher or srun+torchrun started this process."""
+    return "LOCAL_RANK" in os.environ or "RANK" in os.environ
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``antlm-train``. Under a launcher it is one rank; started alone it starts
+    ``distributed.nproc_per_node`` local ranks (2 by default) with ``torchrun --standalone``.
+    The recipe is validated here first, so a bad recipe fails before any rank starts."""
+    from antlm_dist.train import build_arg_parser, main, preflight
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _under_launcher():
+        return main(argv)
+    args = build_arg_parser().parse_args(argv)
+    try:
+        from antlm_dist.config import load_recipe
+
+        nproc = args.nproc_per_node or load_recipe(args.config, args.overrides).distributed.nproc_per_node
+        preflight(args, nproc)
+    except ValueError as exc:  # ConfigError, CorpusError, ScheduleError, TokenizerError
+        print(f"antlm-train: error: {exc}", file=sys.stderr)
+        return 2
+    if nproc == 1:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+        return main(argv)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "antlm_dist.train", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    from antlm_dist.export import main
+
+    return main(argv)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    from antlm_dist.eval.cli import main
+
+    return main(argv)
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    from antlm_dist.bench.cli import main
+
+    return main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,452 @@
+"""Typed recipe configuration: dataclasses loaded from YAML, overridden by dotted keys.
+
+Precedence: defaults < recipe YAML < ``section.key=value`` command-line overrides.
+Unknown keys and wrong types are errors that name the field and list what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe field is missing, unknown, of the wrong type or inconsistent."""
+
+
+@dataclass
+class ModelConfig:
+    """Backbone sizes. Field names follow Hugging Face ``LlamaConfig``."""
+
+    arch: str = "llama"
+    """Backbone family: ``llama`` (BabyLlama decoder) or ``ltg_bert`` (encoder)."""
+    vocab_size: int = 16000
+    """Rows of the embedding and LM head (tokens). Must equal the tokenizer's vocabulary."""
+    hidden_size: int = 512
+    """Width of the residual stream (features)."""
+    intermediate_size: int = 1024
+    """Width of the feed-forward inner layer (features)."""
+    num_hidden_layers: int = 16
+    """Transformer blocks."""
+    num_attention_heads: int = 8
+    """Query heads; head dim = hidden_size / num_attention_heads."""
+    num_key_value_heads: int | None = None
+    """Grouped-query attention heads; ``None`` means ``num_attention_heads``."""
+    max_position_embeddings: int = 256
+    """Longest sequence (tokens) the model accepts; ``data.seq_len`` must not exceed it."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon inside RMSNorm."""
+    rope_theta: float = 10000.0
+    """RoPE base period."""
+    initializer_range: float = 0.02
+    """Std of the normal initialisation of linear and embedding weights."""
+    attention: str = "auto"
+    """Attention implementation: ``auto`` (``triton`` on CUDA, ``sdpa`` on CPU), ``sdpa``, ``triton`` or ``eager``."""
+    loss: str = "auto"
+    """Loss implementation for :func:`antlm_dist.kernels.masked_token_loss`: ``auto``, ``triton`` or ``torch``."""
+    position_bucket_size: int = 32
+    """``ltg_bert`` only: relative-position buckets S (even); distances within ±S/2 are exact, the table has 2S-1 rows."""
+    max_relative_positions: int = 512
+    """``ltg_bert`` only: the distance (tokens) that reaches the last logarithmic bucket (LTG-BERT: 512)."""
+    hidden_dropout: float = 0.1
+    """``ltg_bert`` only: dropout probability on embeddings and residual branches."""
+    attention_dropout: float = 0.1
+    """``ltg_bert`` only: dropout probability on attention weights and relative embeddings."""
+    layer_norm_eps: float = 1e-7
+    """``ltg_bert`` only: epsilon inside LayerNorm."""
+
+
+@dataclass
+class TokenizerConfig:
+    """Byte-level BPE trained with ``tokenizers`` (BabyLlama recipe), or a given file."""
+
+    path: str | None = None
+    """An existing ``tokenizer.json``; when unset a tokenizer is trained on the training split."""
+    vocab_size: int | None = None
+    """Vocabulary to train (tokens); ``None`` means ``model.vocab_size``."""
+    min_frequency: int = 2
+    """Minimum count of a pair for a BPE merge (BabyLlama: 2)."""
+    kind: str = "bpe"
+    """``bpe`` (byte-level BPE; special tokens ``<pad> <s> </s> <unk> <mask>``) or ``wordpiece``
+    (LTG-BERT; ``[PAD] [CLS] [SEP] [UNK] [MASK]``). The trainer uses the roles pad/bos/eos/unk/mask."""
+
+
+@dataclass
+class DataConfig:
+    """Corpus, packing and loader options."""
+
+    corpus: Any = "bundled"
+    """``bundled`` (the shipped public-domain demo corpus), a folder in the BabyLM layout, or a list of text files."""
+    seq_len: int = 128
+    """Tokens per packed block."""
+    document_mask: bool = False
+    """Emit ``segment_ids`` so attention stays within each line/document of a packed block."""
+    max_train_blocks: int | None = None
+    """Use only the first N packed training blocks (``None``: all). For quick demos."""
+    max_eval_blocks: int | None = 64
+    """Evaluate on at most N packed dev blocks per objective (``None``: all)."""
+    num_proc: int = 2
+    """Worker processes for ``datasets.map`` tokenisation."""
+    cache_dir: str | None = None
+    """Where tokenised corpora are cached; ``None`` means ``<output_dir>/cache``."""
+
+
+@dataclass
+class ObjectiveConfig:
+    """The AntLM schedule and the masking of the MLM phases."""
+
+    schedule: str = "4_CLM+16_MLM+4_CLM"
+    """Phases in epochs, written as in the AntLM paper: ``N_CLM+M_MLM+...``."""
+    mlm_probability: float = 0.15
+    """Fraction of non-special tokens selected in an MLM phase (BERT: 0.15)."""
+    mlm_target: str = "same_position"
+    """``same_position`` (BERT-style) or ``next_position`` (MNTP, as in GPT-BERT)."""
+    masking: str = "token"
+    """``token`` (BERT) or ``span`` (LTG-BERT)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. Batch sizes live here; the DeepSpeed JSON leaves them ``"auto"``."""
+
+    seed: int = 42
+    """Seeds the shuffle (per epoch), the MLM masks (per epoch and sample) and the initialisation."""
+    micro_batch_size: int = 32
+    """Sequences per rank per forward pass."""
+    gradient_accumulation_steps: int = 1
+    lr: float = 3e-4
+    """Peak learning rate of the cosine schedule."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of ``lr``."""
+    warmup_steps: int = 100
+    """Linear warm-up length (optimizer steps)."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay on matrices and embeddings (not norms)."""
+    adam_beta1: float = 0.9
+    """AdamW β1."""
+    adam_beta2: float = 0.95
+    """AdamW β2."""
+    adam_eps: float = 1e-8
+    """AdamW ε."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    precision: str = "auto"
+    """``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16``, ``fp16`` or ``fp32``."""
+    stop_at_step: int | None = None
+    """Stop (after checkpointing) once this many optimizer steps are done; the LR schedule is unaffected."""
+    log_every_steps: int = 1
+    """Write a ``train`` record to metrics.jsonl every N steps."""
+
+
+@dataclass
+class DistributedConfig:
+    """Process-group settings."""
+
+    deepspeed_config: str = "zero2.json"
+    """A file in ``ds_configs/`` or a path to a DeepSpeed JSON (ZeRO stage, offload, communication)."""
+    nproc_per_node: int = 2
+    """Local ranks started when ``antlm-train`` is run without a launcher."""
+    backend: str = "auto"
+    """``auto`` (nccl on CUDA, gloo on CPU), ``nccl`` or ``gloo``."""
+    timeout_minutes: float = 5.0
+    """Collective timeout; a dead rank stops the others after at most this long."""
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation on the corpus's ``.dev`` files."""
+
+    at_phase_end: bool = True
+    """Evaluate both objectives when a phase ends (and always at the end)."""
+    at_start: bool = False
+    """Also evaluate before the first step."""
+    every_steps: int = 0
+    """Extra evaluations every N steps (0: only at phase ends and at the end)."""
+    micro_batch_size: int = 32
+    """Sequences per rank per evaluation forward pass."""
+
+
+@dataclass
+class CheckpointConfig:
+    """DeepSpeed checkpoints under ``<output_dir>/checkpoints``."""
+
+    every_steps: int = 0
+    """Save every N optimizer steps (0: only at phase switches and at the end)."""
+    at_phase_switch: bool = True
+    """Checkpoint when a phase ends."""
+    keep_last: int = 3
+    """Complete checkpoints to keep (0: all)."""
+
+
+@dataclass
+class Recipe:
+    """A complete training recipe."""
+
+    name: str = "custom"
+    """Recipe name, shown in logs and summaries."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; allow int -> float and None for Optional."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} is not a {' or '.join(_type_name(a) for a in args)}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of fields, got {value!r}")
+        return _build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "3e-4" as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"{where + '.' if where else ''}{unknown[0]} is not a known field; "
+            f"valid fields of {where or 'the recipe'}: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """Parse ``section.key=value`` strings; values are read as YAML scalars or lists.
+
+    Raises:
+        ConfigError: an item without ``=``.
+    """
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+    return out
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped in ``antlm_dist/recipes`` (without ``.yaml``)."""
+    files = resources.files("antlm_dist.recipes")
+    return sorted(p.name[:-5] for p in files.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a shipped recipe such as ``demo-cpu``.
+
+    Raises:
+        ConfigError: neither a file nor a shipped recipe.
+    """
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = resources.files("antlm_dist.recipes") / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(
+        f"--config {name_or_path!r}: no such file and no shipped recipe of that name; "
+        f"shipped recipes: {', '.join(builtin_recipes())}"
+    )
+
+
+def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe from YAML (or defaults when ``None``) and apply dotted overrides.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown fields, wrong types, invalid values.
+    """
+    tree: dict = {}
+    if name_or_path is not None:
+        path = resolve_recipe_path(name_or_path)
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {path}: not valid YAML ({exc})") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    recipe = _build(Recipe, tree, "")
+    validate_recipe(recipe)
+    return recipe
+
+
+def recipe_from_dict(tree: dict) -> Recipe:
+    """Rebuild a recipe saved with :meth:`Recipe.to_dict` (e.g. from a checkpoint)."""
+    recipe = _build(Recipe, tree, "")
+    validate_recipe(recipe)
+    return recipe
+
+
+def _choice(value: str, allowed: tuple[str, ...], where: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}={value!r} is not allowed; use one of: {', '.join(allowed)}")
+
+
+def _positive(value: float | int | None, where: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{where}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _validate_ltg_bert(m: ModelConfig) -> None:
+    if m.attention == "triton":
+        raise ConfigError("model.attention=triton is not available for model.arch=ltg_bert (the Triton kernel "
+                          "takes no relative-position bias); use model.attention=sdpa or eager")
+    if m.num_key_value_heads not in (None, m.num_attention_heads):
+        raise ConfigError("model.num_key_value_heads must be unset for model.arch=ltg_bert (no grouped-query attention)")
+    if m.position_bucket_size < 2 or m.position_bucket_size % 2:
+        raise ConfigError(f"model.position_bucket_size={m.position_bucket_size} must be even and >= 2, e.g. 32")
+    if m.max_relative_positions <= m.position_bucket_size // 2 + 1:
+        raise ConfigError(f"model.max_relative_positions={m.max_relative_positions} must exceed "
+                          f"model.position_bucket_size/2 + 1 = {m.position_bucket_size // 2 + 1}, e.g. 512")
+    for name in ("hidden_dropout", "attention_dropout"):
+        if not 0.0 <= getattr(m, name) < 1.0:
+            raise ConfigError(f"model.{name}={getattr(m, name)} must be in [0, 1)")
+    _positive(m.layer_norm_eps, "model.layer_norm_eps")
+
+
+def validate_recipe(r: Recipe) -> None:
+    """Check values and cross-field consistency before any compute starts.
+
+    Raises:
+        ConfigError: naming the field and the fix.
+    """
+    from antlm_dist.schedule import parse_schedule  # local: schedule imports nothing from here
+
+    m = r.model
+    _choice(m.arch, ("llama", "ltg_bert"), "model.arch")
+    _choice(m.attention, ("auto", "sdpa", "triton", "eager"), "model.attention")
+    _choice(m.loss, ("auto", "triton", "torch"), "model.loss")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "max_position_embeddings"):
+        _positive(getattr(m, name), f"model.{name}")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} must be a multiple of model.num_attention_heads={m.num_attention_heads}"
+        )
+    kv = m.num_key_value_heads or m.num_attention_heads
+    if m.num_attention_heads % kv:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} must be a multiple of model.num_key_value_heads={kv}"
+        )
+    _positive(r.data.seq_len, "data.seq_len")
+    if r.data.seq_len > m.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_len={r.data.seq_len} is greater than model.max_position_embeddings="
+            f"{m.max_position_embeddings}; lower data.seq_len or raise model.max_position_embeddings"
+        )
+    _positive(r.data.max_train_blocks, "data.max_train_blocks")
+    _positive(r.data.max_eval_blocks, "data.max_eval_blocks")
+    _positive(r.data.num_proc, "data.num_proc")
+    if r.tokenizer.vocab_size is not None and r.tokenizer.vocab_size != m.vocab_size:
+        raise ConfigError(
+            f"tokenizer.vocab_size={r.tokenizer.vocab_size} differs from model.vocab_size={m.vocab_size}; "
+            "set them equal (or leave tokenizer.vocab_size unset)"
+        )
+    _positive(r.tokenizer.min_frequency, "tokenizer.min_frequency")
+    _choice(r.tokenizer.kind, ("bpe", "wordpiece"), "tokenizer.kind")
+    if m.arch == "ltg_bert":
+        _validate_ltg_bert(m)
+    parse_schedule(r.objective.schedule)
+    if not 0.0 < r.objective.mlm_probability < 1.0:
+        raise ConfigError(f"objective.mlm_probability={r.objective.mlm_probability} must be in (0, 1), e.g. 0.15")
+    _choice(r.objective.mlm_target, ("same_position", "next_position"), "objective.mlm_target")
+    _choice(r.objective.masking, ("token", "span"), "objective.masking")
+    t = r.train
+    _positive(t.micro_batch_size, "train.micro_batch_size")
+    _positive(t.gradient_accumulation_steps, "train.gradient_accumulation_steps")
+    _positive(t.lr, "train.lr")
+    _positive(t.warmup_steps, "train.warmup_steps", allow_zero=True)
+    _positive(t.grad_clip, "train.grad_clip", allow_zero=True)
+    _positive(t.stop_at_step, "train.stop_at_step")
+    _positive(t.log_every_steps, "train.log_every_steps")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    _choice(t.precision, ("auto", "bf16", "fp16", "fp32"), "train.precision")
+    _choice(r.distributed.backend, ("auto", "nccl", "gloo"), "distributed.backend")
+    _positive(r.distributed.nproc_per_node, "distributed.nproc_per_node")
+    _positive(r.distributed.timeout_minutes, "distributed.timeout_minutes")
+    _positive(r.eval.micro_batch_size, "eval.micro_batch_size")
+    _positive(r.eval.every_steps, "eval.every_steps", allow_zero=True)
+    _positive(r.checkpoint.every_steps, "checkpoint.every_steps", allow_zero=True)
+    _positive(r.checkpoint.keep_last, "checkpoint.keep_last", allow_zero=True)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML text (saved with every run and checkpoint)."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

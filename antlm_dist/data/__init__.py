@@ -1,0 +1,1 @@
+"""Corpus loading, tokenizer, packed datasets, the resumable sampler and the phase collators."""

@@ -1,0 +1,230 @@
+"""Process group, DeepSpeed config resolution and engine construction.
+
+The recipe owns batch sizes and precision; the DeepSpeed JSON owns the ZeRO stage,
+offload and communication. The JSON leaves batch fields ``"auto"`` and this module fills
+them; a concrete JSON value that contradicts the recipe stops the run at start-up with an
+error naming both files.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from antlm_dist.config import ConfigError, Recipe
+
+
+# ----------------------------------------------------------------------------- process group
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the launcher's environment (1 process if unset)."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def pick_device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(recipe: Recipe, device: torch.device) -> None:
+    """Start the process group: nccl on CUDA, gloo on CPU, timeout from the recipe.
+
+    A dead peer makes the survivors' next collective fail after at most
+    ``distributed.timeout_minutes`` instead of NCCL's default 30 minutes.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    backend = recipe.distributed.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        # Surface a hung or failed NCCL collective as an error instead of a silent hang.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    deepspeed.init_distributed(
+        dist_backend=backend, verbose=False,
+        timeout=datetime.timedelta(minutes=recipe.distributed.timeout_minutes),
+    )
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world_size) of the initialised group, or (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a short list of numbers over ranks in one float64 all-reduce."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------- DeepSpeed config
+
+def resolve_ds_config_path(name_or_path: str) -> Path:
+    """A path, or a file name in the shipped ``ds_configs/``.
+
+    Raises:
+        ConfigError: neither exists.
+    """
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = resources.files("antlm_dist.ds_configs") / p.name
+    if shipped.is_file():
+        return Path(str(shipped))
+    names = sorted(x.name for x in resources.files("antlm_dist.ds_configs").iterdir() if x.name.endswith(".json"))
+    raise ConfigError(
+        f"distributed.deepspeed_config={name_or_path!r}: no such file; shipped configs: {', '.join(names)}"
+    )
+
+
+def resolve_precision(recipe: Recipe, device: torch.device) -> str:
+    p = recipe.train.precision
+    if p == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return p
+
+
+def build_ds_config(recipe: Recipe, world_size: int, device: torch.device, recipe_source: str = "the recipe") -> dict:
+    """Load the DeepSpeed JSON and fill its ``"auto"`` fields from the recipe.
+
+    Raises:
+        ConfigError: unreadable JSON, or a concrete value that contradicts the recipe
+            (naming the JSON file, the recipe and both values).
+    """
+    path = resolve_ds_config_path(recipe.distributed.deepspeed_config)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from exc
+    cfg = copy.deepcopy(cfg)
+    t = recipe.train
+    precision = resolve_precision(recipe, device)
+    wanted = {
+        "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
+        "gradient_accumulation_steps": (t.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
+        "train_batch_size": (t.micro_batch_size * t.gradient_accumulation_steps * world_size,
+                             f"train.micro_batch_size × train.gradient_accumulation_steps × world size {world_size}"),
+        "gradient_clipping": (t.grad_clip, "train.grad_clip"),
+    }
+    for key, (value, field) in wanted.items():
+        have = cfg.get(key, "auto")
+        if have == "auto":
+            cfg[key] = value
+        elif have != value:
+            raise ConfigError(
+                f"{path} sets {key}={have} but {recipe_source} gives {field} = {value}; set "
+                f"{key} to \"auto\" in {path.name} (batch sizes and clipping belong in the recipe) "
+                "or change the recipe to match"
+            )
+    for key, want in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        section = cfg.setdefault(key, {"enabled": "auto"})
+        have = section.get("enabled", "auto")
+        if have == "auto":
+            section["enabled"] = want
+        elif bool(have) != want:
+            raise ConfigError(
+                f"{path} sets {key}.enabled={have} but {recipe_source} resolves train.precision to "
+                f"{precision}; set {key}.enabled to \"auto\" or change train.precision"
+            )
+    if "optimizer" in cfg:
+        params = cfg["optimizer"].setdefault("params", {})
+        fills = {"lr": t.lr, "betas": [t.adam_beta1, t.adam_beta2], "eps": t.adam_eps,
+                 "weight_decay": t.weight_decay}
+        for k, v in fills.items():
+            if params.get(k, "auto") == "auto":
+                params[k] = v
+    if "scheduler" in cfg:
+        raise ConfigError(
+            f"{path} has a \"scheduler\" section; the LR schedule comes from the recipe "
+            "(train.lr, train.warmup_steps, train.min_lr_ratio): remove that section"
+        )
+    return cfg
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+# ----------------------------------------------------------------------------- optimizer and engine
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices and embeddings, not norms or biases (1-D tensors)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, min_lr_ratio: float):
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+
+    def fn(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def build_engine(model: torch.nn.Module, recipe: Recipe, ds_config: dict, total_steps: int):
+    """``deepspeed.initialize`` with torch AdamW (no op compile) and a cosine LambdaLR.
+
+    When the JSON has its own ``optimizer`` section, DeepSpeed builds that optimizer and
+    only the LR schedule comes from here.
+
+    Returns:
+        The DeepSpeed engine.
+    """
+    import deepspeed
+
+    t = recipe.train
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(
+            param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_eps,
+        )
+    fn = lr_lambda(total_steps, t.warmup_steps, t.min_lr_ratio)
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, fn)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer,
+        model_parameters=None if optimizer is not None else param_groups(model, t.weight_decay),
+        lr_scheduler=scheduler, config=ds_config,
+    )
+    return engine

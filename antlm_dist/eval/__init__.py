@@ -1,0 +1,1 @@
+"""Held-out metrics and zero-shot minimal-pair scoring."""

@@ -1,0 +1,46 @@
+"""The LM head, which also computes the loss so ZeRO-3 gathers its weight for it.
+
+ZeRO-3 partitions every parameter and gathers it only while its own module's
+``forward`` runs, so the loss (which reads the head weight) runs inside
+:meth:`LMHead.forward`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+
+class LossOutput(NamedTuple):
+    """loss_sum: fp32 scalar, summed cross-entropy (nats) over target rows.
+    n_targets: int64 scalar, rows with a label. n_correct: int64 scalar, top-1 hits."""
+
+    loss_sum: torch.Tensor
+    n_targets: torch.Tensor
+    n_correct: torch.Tensor
+
+
+class LMHead(nn.Module):
+    """``weight`` (V, H) without bias, named ``lm_head.weight`` as in HF Llama.
+
+    ``forward(hidden)`` returns logits (…, V); ``forward(hidden, labels)`` returns a
+    :class:`LossOutput` computed by :func:`antlm_dist.kernels.masked_token_loss`: only the
+    rows whose label is not -100 reach the head, in chunks, so the full logits are never
+    materialised.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, loss_impl: str = "auto"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        self.loss_impl = loss_impl
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None):
+        if labels is None:
+            return nn.functional.linear(hidden, self.weight)
+        from antlm_dist.kernels import masked_token_loss
+
+        loss, n, correct = masked_token_loss(
+            hidden, self.weight, labels, reduction="sum", return_accuracy=True, backend=self.loss_impl,
+        )
+        return LossOutput(loss, n, correct)

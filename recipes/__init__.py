@@ -1,0 +1,1 @@
+"""Training recipes shipped with antlm-dist (installed as ``antlm_dist.recipes``)."""

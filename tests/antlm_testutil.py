@@ -1,0 +1,61 @@
+"""Helpers shared by the tests: paths, the tiny recipe, and subprocess runners.
+
+Imported as ``from antlm_testutil import ...`` (a unique module name, so it never clashes
+with a ``conftest`` module of a sub-folder).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+# Small enough for 2 CPU ranks on 2 cores: 4 optimizer steps per epoch.
+TINY = [
+    "model.vocab_size=512", "model.hidden_size=32", "model.intermediate_size=64",
+    "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.max_position_embeddings=64",
+    "data.seq_len=32", "data.max_train_blocks=64", "data.max_eval_blocks=16", "data.num_proc=1",
+    "train.micro_batch_size=4", "train.gradient_accumulation_steps=2", "train.warmup_steps=2",
+    "train.lr=3e-3", "eval.micro_batch_size=8", "objective.schedule=1_CLM+1_MLM+1_CLM",
+    "checkpoint.keep_last=0",
+]
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, or skip the test with the reason."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} is absent (the shared data folder is optional); this test needs it")
+    return p
+
+
+def tiny_args_for(tokenizer: Path, cache: Path) -> list[str]:
+    """The tiny recipe's overrides with a pre-trained tokenizer and a shared data cache."""
+    return TINY + [f"tokenizer.path={tokenizer}", f"data.cache_dir={cache}"]
+
+
+def run_cli(args: list[str], *, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``antlm-train`` in a subprocess (it starts its own ranks); output captured."""
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "antlm_dist.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=str(REPO))
+
+
+def run_torchrun(script: Path, args: list[str], nproc: int = 2, timeout: float = 600,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env["OMP_NUM_THREADS"] = "1"
+    full_env.update(env or {})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=str(REPO))
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-4000:]}\nSTDERR\n{proc.stderr[-6000:]}"

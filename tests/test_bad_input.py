@@ -1,0 +1,93 @@
+"""Every bad input stops antlm-train before any rank starts, naming the field and the fix."""
+import json
+import os
+
+import pytest
+
+from antlm_dist.cli import train_main
+from antlm_dist.config import ConfigError, load_recipe
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher(monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _fails(capsys, argv, *needles):
+    code = train_main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+    return err
+
+
+def test_missing_corpus(tmp_path, capsys, tiny_args):
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, f"data.corpus={tmp_path}/nope"],
+           "data.corpus", "does not exist")
+
+
+def test_corpus_without_train_files(tmp_path, capsys, tiny_args):
+    (tmp_path / "c").mkdir()
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, f"data.corpus={tmp_path}/c"],
+           "data.corpus", "no *.train files")
+
+
+def test_empty_corpus_file(tmp_path, capsys, tiny_args):
+    (tmp_path / "c" / "train").mkdir(parents=True)
+    (tmp_path / "c" / "train" / "a.train").write_text("\n\n")
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, f"data.corpus={tmp_path}/c"],
+           "a.train is empty")
+
+
+def test_non_utf8_corpus(tmp_path, capsys, tiny_args):
+    (tmp_path / "c" / "train").mkdir(parents=True)
+    (tmp_path / "c" / "train" / "a.train").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, f"data.corpus={tmp_path}/c"],
+           "a.train is not UTF-8", "offset 3", "iconv")
+
+
+@pytest.mark.parametrize("schedule,needle", [("4_CLX", "CLX"), ("0_MLM", "at least 1 epoch"), ("4CLM", "malformed")])
+def test_malformed_schedule(tmp_path, capsys, tiny_args, schedule, needle):
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, f"objective.schedule={schedule}"],
+           "objective.schedule", needle)
+
+
+def test_seq_len_beyond_positions(tmp_path, capsys, tiny_args):
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, "data.seq_len=128"],
+           "data.seq_len=128", "model.max_position_embeddings=64")
+
+
+def test_deepspeed_config_contradicting_batch_sizes(tmp_path, capsys, tiny_args):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}))
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, f"distributed.deepspeed_config={cfg}"],
+           "train_micro_batch_size_per_gpu=8", "train.micro_batch_size = 4", str(cfg))
+    cfg.write_text(json.dumps({"train_batch_size": 100}))
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, f"distributed.deepspeed_config={cfg}"],
+           "train_batch_size=100", "world size 2")
+
+
+def test_tokenizer_vocab_mismatch(tmp_path, capsys, tiny_args):
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, "model.vocab_size=600"],
+           "has 512 tokens but model.vocab_size=600", "set model.vocab_size=512")
+
+
+def test_output_dir_holding_another_run(tmp_path, capsys, tiny_args):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("")
+    _fails(capsys, ["--output-dir", str(out), *tiny_args], "already holds a run", "--resume", "--overwrite")
+    _fails(capsys, ["--output-dir", str(tmp_path / "fresh"), "--resume", *tiny_args], "start without --resume")
+
+
+def test_unknown_key_and_wrong_type():
+    with pytest.raises(ConfigError, match=r"train.lrr is not a known field.*lr"):
+        load_recipe("demo-cpu", ["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size: expected an integer"):
+        load_recipe("demo-cpu", ["train.micro_batch_size=big"])
+    with pytest.raises(ConfigError, match=r"no shipped recipe.*demo-cpu"):
+        load_recipe("no-such-recipe")
+    with pytest.raises(ConfigError, match="mlm_probability"):
+        load_recipe("demo-cpu", ["objective.mlm_probability=1.5"])
