@@ -12,6 +12,7 @@ import datetime
 import json
 import math
 import os
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -29,9 +30,16 @@ def dist_env() -> tuple[int, int, int]:
 
 
 def pick_device(local_rank: int) -> torch.device:
+    """This rank's device: ``cuda:<local_rank>`` when CUDA is present, else the CPU.
+
+    On CPU it also tells DeepSpeed (before its first import) to use its CPU accelerator,
+    and silences the deprecation warning torch emits for DeepSpeed's all-gather call.
+    """
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     return torch.device("cpu")
 
 
