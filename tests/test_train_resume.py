@@ -57,3 +57,18 @@ def test_interrupted_mid_phase_resume_equals_uninterrupted(full_run, tmp_path, t
     for step in range(1, 13):
         assert got[step][0] == ref[step][0]
         assert got[step][1] == pytest.approx(ref[step][1], rel=1e-6, abs=0), step
+
+
+def test_zero3_losses_equal_zero2(full_run, tmp_path, tiny_tokenizer, data_cache):
+    """ZeRO-3 partitions the LM head; the fused loss runs inside the head module, so it is
+    gathered there and every step's loss equals the ZeRO-2 run's."""
+    out = tmp_path / "z3"
+    proc = run_cli(["--output-dir", str(out), *tiny_args_for(tiny_tokenizer, data_cache),
+                    "distributed.deepspeed_config=zero3.json"])
+    assert_ok(proc)
+    assert json.loads((out / "summary.json").read_text())["zero_stage"] == 3
+    ref, got = _losses(full_run), _losses(out)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step][0] == ref[step][0]
+        assert got[step][1] == pytest.approx(ref[step][1], rel=1e-5, abs=0), step

@@ -12,6 +12,14 @@ import torch
 import torch.nn as nn
 
 
+def resolve_loss_impl(impl: str, device: torch.device) -> str:
+    """``auto`` → ``triton`` on CUDA, ``torch`` elsewhere (whatever ``TRITON_INTERPRET`` says);
+    ``triton``/``torch`` are kept as given."""
+    if impl != "auto":
+        return impl
+    return "triton" if device.type == "cuda" else "torch"
+
+
 class LossOutput(NamedTuple):
     """loss_sum: fp32 scalar, summed cross-entropy (nats) over target rows.
     n_targets: int64 scalar, rows with a label. n_correct: int64 scalar, top-1 hits."""
@@ -24,7 +32,8 @@ class LossOutput(NamedTuple):
 class LMHead(nn.Module):
     """``weight`` (V, H) without bias, named ``lm_head.weight`` as in HF Llama.
 
-    ``forward(hidden)`` returns logits (…, V); ``forward(hidden, labels)`` returns a
+    ``forward(hidden)`` returns logits (…, V); ``forward(hidden, labels)`` (labels (…) int64,
+    aligned to positions, -100 = no loss) returns a
     :class:`LossOutput` computed by :func:`antlm_dist.kernels.masked_token_loss`: only the
     rows whose label is not -100 reach the head, in chunks, so the full logits are never
     materialised.
@@ -41,6 +50,7 @@ class LMHead(nn.Module):
         from antlm_dist.kernels import masked_token_loss
 
         loss, n, correct = masked_token_loss(
-            hidden, self.weight, labels, reduction="sum", return_accuracy=True, backend=self.loss_impl,
+            hidden, self.weight, labels, reduction="sum", return_accuracy=True,
+            backend=resolve_loss_impl(self.loss_impl, hidden.device),
         )
         return LossOutput(loss, n, correct)

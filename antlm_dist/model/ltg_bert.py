@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from antlm_dist.config import ModelConfig
 from antlm_dist.model.attention import build_attention_mask
-from antlm_dist.model.heads import LossOutput
+from antlm_dist.model.heads import LossOutput, resolve_loss_impl
 
 IGNORE_INDEX = -100
 
@@ -123,7 +123,8 @@ class TiedWordEmbedding(nn.Embedding):
         from antlm_dist.kernels import masked_token_loss
 
         loss, n, correct = masked_token_loss(
-            hidden, self.weight, labels, reduction="sum", return_accuracy=True, backend=self.loss_impl,
+            hidden, self.weight, labels, reduction="sum", return_accuracy=True,
+            backend=resolve_loss_impl(self.loss_impl, hidden.device),
         )
         return LossOutput(loss, n, correct)
 
