@@ -19,8 +19,10 @@ module state in ``mp_rank_00_model_states.pt``.
 (the trainer's initialisation: ``torch.manual_seed(derive_seed(train.seed, 0))`` then
 ``build_model``), recorded as step 0: the baseline for zero-shot evaluations.
 
-Only ``model.arch: llama`` exports here; :data:`HF_CONFIG_BUILDERS` is the place to add
-another backbone (its HF config class and model class).
+Backbones: ``llama`` (``LlamaForCausalLM``) and ``ltg_bert``
+(:class:`antlm_dist.model.ltg_bert_hf.LtgBertHFForMaskedLM`, with the model code copied
+into the folder for ``AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True)``).
+:data:`HF_CONFIG_BUILDERS` is the place to add another backbone.
 """
 from __future__ import annotations
 
@@ -143,7 +145,20 @@ def _llama_hf_model(cfg):
     return LlamaForCausalLM(cfg)
 
 
-HF_CONFIG_BUILDERS = {"llama": (_llama_hf_config, _llama_hf_model)}
+def _ltg_bert_hf_config(m: ModelConfig, tok):
+    from antlm_dist.model.ltg_bert_hf import hf_config_from_model_config
+
+    return hf_config_from_model_config(m, tok)
+
+
+def _ltg_bert_hf_model(cfg):
+    from antlm_dist.model.ltg_bert_hf import hf_model_from_config
+
+    return hf_model_from_config(cfg)
+
+
+HF_CONFIG_BUILDERS = {"llama": (_llama_hf_config, _llama_hf_model),
+                      "ltg_bert": (_ltg_bert_hf_config, _ltg_bert_hf_model)}
 """``model.arch`` → (build the HF config from (ModelConfig, tokenizer), build the HF model from it)."""
 
 
@@ -288,13 +303,14 @@ def load_pretrained(folder: Path | str, device: str | torch.device = "cpu"):
         device: where to put the model.
 
     Returns:
-        (:class:`~antlm_dist.model.llama.AntLMForPretraining`, ``PreTrainedTokenizerFast``).
+        (the trainer's model: :class:`~antlm_dist.model.llama.AntLMForPretraining` or
+        :class:`~antlm_dist.model.ltg_bert.LtgBertForPretraining`, ``PreTrainedTokenizerFast``).
         The model's ``forward(input_ids, attention_mask, labels=None, *, causal)`` serves
         both the causal and the bidirectional mask.
 
     Raises:
         ExportError: no ``config.json``, ``model.safetensors`` or ``tokenizer.json``.
-        ValueError: an architecture other than ``llama``.
+        ValueError: an architecture without an entry in :data:`HF_CONFIG_BUILDERS`.
         TokenizerError: the tokenizer lacks a special token or mismatches the vocabulary.
     """
     from safetensors.torch import load_file
@@ -311,8 +327,9 @@ def load_pretrained(folder: Path | str, device: str | torch.device = "cpu"):
         model_cfg = _model_config_from_hf(hf_cfg)
     else:
         raise ValueError(f"{folder}: model_type={hf_cfg.get('model_type')!r} is not supported; export a llama run")
-    if model_cfg.arch != "llama":
-        raise ValueError(f"{folder}: model.arch={model_cfg.arch!r} cannot be loaded here yet; supported: llama")
+    if model_cfg.arch not in HF_CONFIG_BUILDERS:
+        raise ValueError(f"{folder}: model.arch={model_cfg.arch!r} cannot be loaded here yet; "
+                         f"supported: {', '.join(sorted(HF_CONFIG_BUILDERS))}")
     if not (folder / "tokenizer.json").is_file():
         raise ExportError(f"{folder} has no tokenizer.json; export the model with antlm-export, which copies the run's tokenizer")
     weights = folder / "model.safetensors"

@@ -139,8 +139,8 @@ def test_checkpoint_paths_and_errors(runs, exported, tmp_path, capsys):
         resolve_checkpoint(tmp_path)
     with pytest.raises(ExportError, match="no such folder"):
         resolve_checkpoint(tmp_path / "absent")
-    with pytest.raises(ValueError, match="ltg_bert.*cannot be exported"):
-        _builders("ltg_bert")
+    with pytest.raises(ValueError, match="gpt2.*cannot be exported"):
+        _builders("gpt2")
     # the CLI refuses a non-empty --out, and writes with --overwrite
     assert export_main(["--checkpoint", str(run), "--out", str(exported["zero2"])]) == 2
     assert "not empty" in capsys.readouterr().err

@@ -360,3 +360,23 @@ def test_ltg_bert_trains_across_phase_switches_under_zero(ltg_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["zero_stage"] == int(ds_config[4]) and summary["world_size"] == 2
     assert (out / "checkpoints" / "step00000012" / "COMPLETE").is_file()
+
+
+@pytest.mark.slow
+def test_trained_checkpoint_exports_and_scores(ltg_run, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    from antlm_dist.eval.blimp import clm_scores, pll_scores
+    from antlm_dist.export import export_checkpoint, load_pretrained
+
+    _, out = ltg_run
+    folder = export_checkpoint(out / "checkpoints", tmp_path / "hf")
+    model, tok = load_pretrained(folder)
+    hf = AutoModelForMaskedLM.from_pretrained(str(folder)).eval()
+    ids = torch.tensor([tok("The cat sat on the mat.", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        for causal in (False, True):
+            assert (hf(ids, causal=causal).logits - model(ids, causal=causal)).abs().max().item() < 1e-5
+    sentences = ["The cat sat on the mat.", "The cat sat the on mat."]
+    for scores in (clm_scores(model, tok, sentences), pll_scores(model, tok, sentences)):
+        assert len(scores) == 2 and all(math.isfinite(x) and x < 0 for x in scores)
