@@ -70,3 +70,11 @@ def comm_failure_message(exc: BaseException, table: list[tuple[str, list[str]]],
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (f"antlm-train: error: {me}: {what}; the launcher's failure summary names the rank that exited "
             f"first. Cause: {first_line}")
+
+
+def format_rank_table(table: list[tuple[str, list[str]]]) -> str:
+    """``"node1: ranks 0,1; node2: ranks 2,3"`` (hosts in order of their first rank)."""
+    by_host: dict[str, list[int]] = {}
+    for r, (host, _) in enumerate(table):
+        by_host.setdefault(host, []).append(r)
+    return "; ".join(f"{h}: rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))}" for h, rs in by_host.items())
