@@ -176,10 +176,13 @@ def test_two_node_job_trains_across_phase_switches(uninterrupted):
     logs = node_logs(run_dir)
     assert len(logs) == 2, logs.keys()  # one log per node
     text = "\n".join(logs.values())
-    ranks = re.search(r"2 ranks on 2 hosts: (.*)", text)
+    ranks = re.search(r"2 ranks on (\d) hosts?: (.*)", text)
     assert ranks, text[-3000:]
-    assert sorted(ranks.group(1).split("; ")) in (["node1: rank 0", "node2: rank 1"],
-                                                  ["node1: rank 1", "node2: rank 0"])
+    if os.environ.get("ANTLM_SLURM_CLUSTER_MODE", "netns") == "netns":  # each node its own hostname
+        assert sorted(ranks.group(2).split("; ")) in (["node1: rank 0", "node2: rank 1"],
+                                                      ["node1: rank 1", "node2: rank 0"])
+    else:  # loopback fallback: both slurmd on this host
+        assert ranks.group(2).endswith("ranks 0,1")
     assert "phase switch at step 4: CLM -> MLM" in text
     assert (run_dir / "summary.json").is_file()
 

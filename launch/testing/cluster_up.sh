@@ -133,6 +133,7 @@ cat > "$DIR/env.sh" <<ENV
 # source me: point Slurm's client commands at the test cluster
 export SLURM_CONF=$CONF
 export ANTLM_SLURM_CLUSTER=1
+export ANTLM_SLURM_CLUSTER_MODE=$MODE
 ENV
 export SLURM_CONF=$CONF
 for _ in $(seq 100); do
