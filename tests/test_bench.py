@@ -261,7 +261,10 @@ def test_bench_report_and_plot_from_a_tiny_run(tmp_path):
     clm = next(r for r in recs if r["runner"] == "antlm" and r["phase"] == "CLM")
     assert clm["target_rows_per_step"] == 2 * 31  # the last position has no next token
     assert clm["attention"] == "sdpa" and clm["loss"] == "torch" and clm["zero"] == 2
+    mlm = next(r for r in recs if r["runner"] == "antlm" and r["phase"] == "MLM")
+    assert mlm["flop_bound_speedup"] > clm["flop_bound_speedup"] > 1  # the baseline's head sees every row
     assert all(r["speedup_vs_baseline"] == 1.0 for r in recs if r["runner"] == "baseline")
+    assert all(r["cpu_time_s"]["median"] > 0 for r in recs)
     md = (out / "bench.md").read_text()
     assert "| CLM | sdpa/torch/ZeRO-2 |" in md and "| MLM | baseline: HF Llama + AdamW |" in md
     assert "Where the time goes" in md and "measured" in md

@@ -43,7 +43,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the HF reference step")
     p.add_argument("--profile", action="store_true",
                    help="profile one step of the first AntLM runner and of the baseline per phase (torch.profiler)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's choice). On a shared, oversubscribed CPU use 1: "
+                        "multi-threaded ops wait for descheduled threads and their times become erratic")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="print B ÷ A tokens/s and exit")
     p.add_argument("overrides", nargs="*", help="dotted recipe overrides for every config, e.g. data.seq_len=64")
     return p
@@ -57,6 +59,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def _machine(device) -> dict:
@@ -108,6 +117,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                           "(peak memory is read during the warm-up)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_start = _load_average()
+    if (not torch.cuda.is_available() and torch.get_num_threads() > 1 and load_start is not None
+            and load_start > (os.cpu_count() or 1)):
+        log.warning("load average %.1f on %d CPU cores: with %d torch threads per op, steps wait for descheduled "
+                    "threads and time erratically; --threads 1 measures more steadily", load_start,
+                    os.cpu_count(), torch.get_num_threads())
     configs = args.config or ["demo-cpu"]
     recipes = [(c, load_recipe(c, args.overrides)) for c in configs]
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -164,7 +179,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "schema": 1,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "antlm-bench " + shlex.join(argv),
-        "machine": _machine(device), "versions": _versions(),
+        "machine": {**_machine(device), "load_average_1min_start": load_start,
+                    "load_average_1min_end": _load_average()},
+        "versions": _versions(),
         "peak_flops": {"flops_per_s": peak, "source": peak_source},
         "precision": precision,
         "plan": {"configs": configs, "phases": phases, "attention": attentions, "loss": losses,

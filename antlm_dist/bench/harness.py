@@ -262,9 +262,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _release_free_heap() -> None:
+    """glibc ``malloc_trim(0)``: hand freed heap pages back to the OS, so that RSS counts
+    live memory and a later RSS rise is new memory rather than reuse. No-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _resident_bytes(device: torch.device, telemetry) -> float:
     if device.type == "cuda":
         return float(torch.cuda.memory_allocated(device))
+    _release_free_heap()
     return telemetry.snapshot().rss_gib * _GIB
 
 
@@ -305,8 +317,9 @@ def profile_step(runner, micro_batches, causal: bool, device: torch.device, top:
         of matmuls (mm/addmm/bmm, the body and the LM head), attention kernels and softmax,
         loss ops (log-softmax, NLL, exp/max/gather of the chunked loss), the optimizer
         (everything under ``Optimizer.step``) and the rest (elementwise, copies, norms,
-        gather/scatter); ``top_ops``: the ``top`` ops by self time. Times are CPU self
-        time on CPU and device self time on CUDA.
+        gather/scatter); ``ops_ms``: self time of the 40 costliest ops (for diffs against
+        the baseline); ``top_ops``: the ``top`` ops by self time. Times are CPU self time
+        on CPU and device self time on CUDA.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -328,6 +341,7 @@ def profile_step(runner, micro_batches, causal: bool, device: torch.device, top:
         "wall_ms": wall_ms,
         "time_kind": "device self time" if device.type == "cuda" else "CPU self time",
         "categories_ms": categories,
+        "ops_ms": {e.key: getattr(e, attr) / 1000 for e in ops[:40]},
         "top_ops": [{"op": e.key, "self_ms": getattr(e, attr) / 1000, "share": getattr(e, attr) / 1000 / total_ms,
                      "calls": e.count} for e in ops[:top]],
     }
@@ -364,6 +378,8 @@ def run_group(config_name: str, recipe: Recipe, micro_batch: int, plan: BenchPla
         for phase in plan.phases:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            else:
+                _release_free_heap()
             with telemetry.window() as w:
                 for i in range(plan.warmup):
                     runner.step(pool[phase][i % pool_steps], phase == "CLM")
@@ -378,6 +394,7 @@ def run_group(config_name: str, recipe: Recipe, micro_batch: int, plan: BenchPla
 
     times = {(r.label, p): [] for r in runners for p in plan.phases}
     windows = {(r.label, p): [] for r in runners for p in plan.phases}
+    cpu_times = {(r.label, p): [] for r in runners for p in plan.phases}
     log.info("%s mb=%d: timing %d steps x %d runners x %d phases, interleaved", config_name, micro_batch,
              plan.steps, len(runners), len(plan.phases))
     for i in range(plan.steps):
@@ -392,6 +409,7 @@ def run_group(config_name: str, recipe: Recipe, micro_batch: int, plan: BenchPla
                     dt = time.perf_counter() - t0
                 times[(runner.label, phase)].append(dt)
                 windows[(runner.label, phase)].append(w.summary)
+                cpu_times[(runner.label, phase)].append(w.summary.cpu_util_pct * w.summary.duration_s / 100)
 
     profiles = {}
     if plan.profile:
@@ -410,6 +428,9 @@ def run_group(config_name: str, recipe: Recipe, micro_batch: int, plan: BenchPla
             tokens = micro_batch * gas * seq_len
             st = _percentiles(times[key])
             flops = flop_model.step(micro_batch * gas, seq_len, phase == "CLM", targets)
+            # FLOPs actually executed: the baseline's head runs on every row (full logits)
+            executed = (flops if runner.kind == "antlm" else
+                        flop_model.step(micro_batch * gas, seq_len, phase == "CLM", tokens))
             ws = windows[key]
             energy = [w.energy_j for w in ws if w.energy_j is not None]
             total_s = sum(w.duration_s for w in ws)
@@ -425,8 +446,10 @@ def run_group(config_name: str, recipe: Recipe, micro_batch: int, plan: BenchPla
                 "tokens_per_step": tokens, "target_rows_per_step": targets,
                 "steps": plan.steps, "warmup_steps": plan.warmup,
                 "step_time_s": st,
+                "cpu_time_s": _percentiles(cpu_times[key]),
                 "tokens_per_s_per_device": tokens / st["median"],
                 "model_flops_per_step": flops,
+                "executed_flops_per_step": executed,
                 "model_tflops_per_s": flops / st["median"] / 1e12,
                 "mfu": mfu(flops, st["median"], peak_flops),
                 "mem_peak_gib": memory[key][0],
@@ -445,6 +468,9 @@ def run_group(config_name: str, recipe: Recipe, micro_batch: int, plan: BenchPla
     for rec in records:
         b = by_phase.get(rec["phase"])
         rec["speedup_vs_baseline"] = (b["step_time_s"]["median"] / rec["step_time_s"]["median"]) if b else None
+        rec["flop_bound_speedup"] = (b["executed_flops_per_step"] / rec["executed_flops_per_step"]) if b else None
+        rec["speedup_vs_baseline_cpu_time"] = (b["cpu_time_s"]["median"] / max(rec["cpu_time_s"]["median"], 1e-12)
+                                               if b else None)
 
     for runner in runners:
         runner.close()

@@ -4,9 +4,11 @@ A record (one runner × phase × micro-batch of one recipe) holds, with units in
 ``tokens_per_s_per_device``; ``step_time_s`` (median, p10, p90, mean, all); ``mfu``
 (fraction; Chowdhery et al. 2022) from ``model_flops_per_step`` (see
 :mod:`antlm_dist.bench.flops`); ``mem_peak_gib`` and what it measures (``mem_kind``);
-``cpu_util_pct``; on GPU ``power_w``, ``energy_j_per_step`` and ``sm_util_pct``;
-``speedup_vs_baseline`` (baseline median step time ÷ this one's); and an optional
-``profile`` (one step under ``torch.profiler``).
+``cpu_time_s`` (this process's CPU seconds per step) and ``cpu_util_pct``; on GPU
+``power_w``, ``energy_j_per_step`` and ``sm_util_pct``; ``speedup_vs_baseline`` (baseline
+median step time ÷ this one's) and ``speedup_vs_baseline_cpu_time`` (the same with CPU
+time); ``executed_flops_per_step`` and ``flop_bound_speedup`` (the baseline computes the
+LM head on every row); and an optional ``profile`` (one step under ``torch.profiler``).
 """
 from __future__ import annotations
 
@@ -40,7 +42,9 @@ def markdown(result: dict) -> str:
         "# antlm-bench", "",
         f"Command: `{result['command']}`", "",
         f"- Machine: {mach['device_name']} ({mach['device']}), {mach['cpu_count']} CPU cores, "
-        f"torch threads {mach['torch_threads']}, {mach['platform']}; started {result['created']}.",
+        f"torch threads {mach['torch_threads']}, {mach['platform']}; started {result['created']}; "
+        f"1-min load average {_fmt(mach.get('load_average_1min_start'), '.1f')} at the start, "
+        f"{_fmt(mach.get('load_average_1min_end'), '.1f')} at the end.",
         f"- Versions: antlm-dist {ver['antlm_dist']}, torch {ver['torch']}, deepspeed {ver['deepspeed']}, "
         f"transformers {ver['transformers']}, Python {ver['python']}.",
         f"- Peak for MFU: {peak['flops_per_s'] / 1e12:.3f} TFLOP/s per device, {peak['source']}.",
@@ -55,9 +59,9 @@ def markdown(result: dict) -> str:
     for config in dict.fromkeys(r["config"] for r in recs):
         rows = [r for r in recs if r["config"] == config]
         lines += [f"## {config}", "", _model_line(rows[0]) + ".", "",
-                  "| phase | runner | micro-batch | tokens/s/device | step ms: median (p10–p90) | TFLOP/s | MFU "
-                  "| peak mem GiB | × baseline |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| phase | runner | micro-batch | tokens/s/device | step ms: median (p10–p90) | CPU s/step "
+                  "| TFLOP/s | MFU | peak mem GiB | × baseline (wall) | × baseline (CPU time) | FLOP bound × |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in sorted(rows, key=lambda r: (r["phase"], r["micro_batch"], r["runner"] != "baseline", r["label"])):
             st = r["step_time_s"]
             extra = ""
@@ -66,9 +70,14 @@ def markdown(result: dict) -> str:
             lines.append(
                 f"| {r['phase']} | {r['label']}{extra} | {r['micro_batch']} | {r['tokens_per_s_per_device']:,.0f} "
                 f"| {1000 * st['median']:.1f} ({1000 * st['p10']:.1f}–{1000 * st['p90']:.1f}) "
+                f"| {r['cpu_time_s']['median']:.2f} "
                 f"| {r['model_tflops_per_s']:.3f} | {100 * r['mfu']:.1f}% | {r['mem_peak_gib']:.2f} "
-                f"| {_fmt(r['speedup_vs_baseline'], '.2f')}× |")
-        lines += ["", f"Peak memory: {rows[0]['mem_kind']}.", ""]
+                f"| {_fmt(r['speedup_vs_baseline'], '.2f')}× | {_fmt(r['speedup_vs_baseline_cpu_time'], '.2f')}× "
+                f"| {_fmt(r['flop_bound_speedup'], '.2f')}× |")
+        lines += ["", f"Peak memory: {rows[0]['mem_kind']}. CPU s/step: this process's user + system CPU "
+                  "time per step (median); on a shared machine its ratio is less disturbed by other "
+                  "processes' load than the wall-clock ratio. FLOP bound: the baseline's executed FLOPs (its LM "
+                  "head runs on every row) ÷ this runner's, the speed-up if time were proportional to FLOPs.", ""]
     profiled = [r for r in recs if r.get("profile")]
     if profiled:
         lines += ["## Where the time goes (one step under torch.profiler)", "",
@@ -84,6 +93,21 @@ def markdown(result: dict) -> str:
                          + " | ".join(f"{c[k]:.0f}" for k in ("matmul", "attention", "loss", "optimizer", "other"))
                          + f" | {sum(c.values()):.0f} |")
         lines.append("")
+        for r in profiled:
+            if r["runner"] != "antlm":
+                continue
+            b = next((x for x in profiled if x["runner"] == "baseline" and
+                      (x["config"], x["phase"], x["micro_batch"]) == (r["config"], r["phase"], r["micro_batch"])), None)
+            if b is None:
+                continue
+            mine, ref = r["profile"]["ops_ms"], b["profile"]["ops_ms"]
+            ops = sorted(set(mine) | set(ref), key=lambda k: -abs(mine.get(k, 0.0) - ref.get(k, 0.0)))[:10]
+            lines += [f"Largest differences, {r['config']} {r['phase']}, {r['label']} vs baseline, micro-batch "
+                      f"{r['micro_batch']} (self ms; negative = AntLM spends less):", "",
+                      "| op | AntLM | baseline | AntLM − baseline |", "|---|---:|---:|---:|"]
+            lines += [f"| `{k}` | {mine.get(k, 0.0):.0f} | {ref.get(k, 0.0):.0f} | {mine.get(k, 0.0) - ref.get(k, 0.0):+.0f} |"
+                      for k in ops]
+            lines.append("")
         for r in profiled:
             p = r["profile"]
             lines += [f"Top ops, {r['config']} {r['phase']}, {r['label']}, micro-batch {r['micro_batch']}: "
