@@ -39,7 +39,7 @@ from antlm_dist.data.tokenizer import (check_vocab_matches, load_tokenizer, save
 from antlm_dist.distributed import (all_reduce_sum, barrier, build_ds_config, build_engine, dist_env,
                                     init_distributed, pick_device, world_info, zero_stage)
 from antlm_dist.eval.heldout import evaluate_heldout
-from antlm_dist.faults import comm_failure_message, gather_rank_addresses, is_comm_failure
+from antlm_dist.faults import comm_failure_message, format_rank_table, gather_rank_addresses, is_comm_failure
 from antlm_dist.metrics import MetricsWriter
 from antlm_dist.model import build_model
 from antlm_dist.schedule import (PhaseDesyncError, check_phase_agreement, format_schedule, parse_schedule,
@@ -265,6 +265,9 @@ def run(args: argparse.Namespace) -> int:
     rank, world = world_info()
     _RANK_ADDRESSES[:] = gather_rank_addresses()  # to name a lost rank if a collective fails
     _TIMEOUT_MINUTES[:] = [recipe.distributed.timeout_minutes]
+    if world > 1:
+        log.info("%d ranks on %d hosts: %s", world, len({h for h, _ in _RANK_ADDRESSES}),
+                 format_rank_table(_RANK_ADDRESSES))
     ds_config = build_ds_config(recipe, world, device, recipe_source=str(args.config))
     torch.manual_seed(derive_seed(recipe.train.seed, rank))
 
