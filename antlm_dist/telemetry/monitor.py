@@ -8,9 +8,9 @@ One :class:`Telemetry` object per process watches one accelerator and this proce
   ``nvmlDeviceGetTotalEnergyConsumption`` (a mJ counter since driver load, Volta and
   newer) between the two ends of a window. Where the counter is not supported, energy
   is the trapezoid integral of the sampled power instead (``energy_source`` says which).
-* This process, through psutil: resident set size (GiB) and CPU utilisation (% of one
-  core, so 200 means two busy cores), from the process's CPU-time difference over the
-  window.
+* This process: resident set size (GiB, psutil) and CPU utilisation (% of one core, so
+  200 means two busy cores), from the process's CPU-time difference over the window
+  (``time.process_time``).
 
 Without NVML (no driver: ``nvmlInit`` raises ``pynvml.NVMLError_LibraryNotFound``, or no
 GPU), telemetry logs that once per process and goes on with the psutil figures; the GPU
@@ -221,9 +221,11 @@ class Telemetry:
             self._energy_supported = False  # e.g. NVMLError_NotSupported on pre-Volta boards
             return None
 
-    def _cpu_time_s(self) -> float:
-        t = self._proc.cpu_times()
-        return t.user + t.system
+    @staticmethod
+    def _cpu_time_s() -> float:
+        # user + system time of every thread of this process, at clock_gettime resolution
+        # (psutil's cpu_times counts 10 ms clock ticks, too coarse for short steps)
+        return time.process_time()
 
     def _read(self) -> Sample:
         sample = Sample(t_s=time.perf_counter(), rss_gib=self._proc.memory_info().rss / _GIB)
