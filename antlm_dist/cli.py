@@ -20,7 +20,7 @@ def train_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if _under_launcher():
         return main(argv)
-    args = build_arg_parser().parse_args(argv)
+    args = build_arg_parser().parse_intermixed_args(argv)
     try:
         from antlm_dist.config import load_recipe
 
