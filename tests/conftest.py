@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from antlm_testutil import *  # noqa: F401,F403  (re-exported for older imports; import from antlm_testutil)
 from antlm_testutil import tiny_args_for
 
 

@@ -25,7 +25,7 @@ from antlm_dist.export import (ExportError, _builders, consolidate_state_dict, e
                                main as export_main, read_antlm_meta, resolve_checkpoint)
 from antlm_dist.metrics import read_metrics
 from antlm_dist.model import build_model
-from conftest import assert_ok, run_cli, shared_path, tiny_args_for
+from antlm_testutil import assert_ok, run_cli, shared_path, tiny_args_for
 
 pytestmark = pytest.mark.slow
 

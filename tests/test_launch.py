@@ -12,7 +12,7 @@ import pytest
 
 from antlm_dist.faults import comm_failure_message, format_rank_table, is_comm_failure, lost_ranks
 from antlm_dist.metrics import read_metrics
-from conftest import REPO, assert_ok
+from antlm_testutil import REPO, assert_ok
 
 VENV_BIN = Path(sys.executable).parent
 

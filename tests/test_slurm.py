@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from antlm_dist.metrics import read_metrics
-from conftest import REPO, tiny_args_for
+from antlm_testutil import REPO, tiny_args_for
 
 SBATCH_SCRIPT = REPO / "launch" / "slurm" / "antlm.sbatch"
 VENV_BIN = Path(sys.executable).parent
