@@ -299,3 +299,19 @@ def test_bad_matrix_arguments_exit_2(tmp_path, capsys):
     assert main(["--config", "demo-cpu", "--out", str(tmp_path), "--phases", "clm,nsp"]) == 2
     assert "--phases" in capsys.readouterr().err
     assert main(["--config", "demo-cpu", "--out", str(tmp_path), "--zero", "4"]) == 2
+
+
+def test_trainer_logs_mfu_per_step(tmp_path, tiny_tokenizer, data_cache):
+    """antlm-train (1 rank) writes ``mfu`` in every train record; no GPU, so no power/energy."""
+    from antlm_dist.metrics import read_metrics
+    from antlm_testutil import run_cli, tiny_args_for
+
+    out = tmp_path / "run"
+    args = ["--output-dir", str(out), "--nproc-per-node", "1", *tiny_args_for(tiny_tokenizer, data_cache),
+            "data.max_train_blocks=16", "objective.schedule=1_CLM+1_MLM", "checkpoint.at_phase_switch=false"]
+    assert_ok(run_cli(args))
+    records = read_metrics(out / "metrics.jsonl", "train")
+    assert {r["phase"] for r in records} == {"CLM", "MLM"}
+    for r in records:
+        assert 0 < r["mfu"] < 1
+        assert "power_w" not in r and "energy_j" not in r

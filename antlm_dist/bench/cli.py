@@ -42,7 +42,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="synthetic uniform tokens (default) or the recipe's corpus, tokenised and packed")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the HF reference step")
     p.add_argument("--profile", action="store_true",
-                   help="profile one step of the first AntLM runner and of the baseline per phase (torch.profiler)")
+                   help="profile one more step of every runner and phase (torch.profiler) for bench.md")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's choice). On a shared, oversubscribed CPU use 1: "
                         "multi-threaded ops wait for descheduled threads and their times become erratic")

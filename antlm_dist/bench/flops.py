@@ -185,5 +185,6 @@ def peak_flops_per_device(device: torch.device | str, precision: str = "fp32",
                 return peak, f"datasheet {name} dense {precision}"
     n = matmul_size or (8192 if dev.type == "cuda" else 2048)
     peak = measure_matmul_flops(dev, dtype, n)
-    where = f"{torch.get_num_threads()} threads" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
+    threads = torch.get_num_threads()
+    where = f"{threads} thread{'s' if threads != 1 else ''}" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
     return peak, f"measured {n}x{n} {precision} matmul at start-up ({where})"

@@ -413,9 +413,8 @@ def run_group(config_name: str, recipe: Recipe, micro_batch: int, plan: BenchPla
 
     profiles = {}
     if plan.profile:
-        targets = [r for r in runners if r.kind == "antlm"][:1] + [r for r in runners if r.kind == "baseline"]
         for phase in plan.phases:
-            for runner in targets:
+            for runner in runners:
                 profiles[(runner.label, phase)] = profile_step(runner, pool[phase][0], phase == "CLM", device)
 
     records = []

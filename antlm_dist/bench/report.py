@@ -102,6 +102,16 @@ def markdown(result: dict) -> str:
                 continue
             mine, ref = r["profile"]["ops_ms"], b["profile"]["ops_ms"]
             ops = sorted(set(mine) | set(ref), key=lambda k: -abs(mine.get(k, 0.0) - ref.get(k, 0.0)))[:10]
+            saved = [k for k in ops if mine.get(k, 0.0) < ref.get(k, 0.0) - 0.5][:3]
+            extra = [k for k in ops if mine.get(k, 0.0) > ref.get(k, 0.0) + 0.5][:3]
+            lines += [
+                f"**{r['config']} {r['phase']}** (micro-batch {r['micro_batch']}): {r['label']} "
+                f"{sum(r['profile']['categories_ms'].values()):.0f} ms vs baseline "
+                f"{sum(b['profile']['categories_ms'].values()):.0f} ms of profiled self time; timed "
+                f"{_fmt(r['speedup_vs_baseline'], '.2f')}× (FLOP bound {_fmt(r['flop_bound_speedup'], '.2f')}×). "
+                "Saves " + (", ".join(f"`{k}` {ref.get(k, 0.0) - mine.get(k, 0.0):.0f} ms" for k in saved) or "nothing")
+                + "; spends more on " + (", ".join(f"`{k}` +{mine.get(k, 0.0) - ref.get(k, 0.0):.0f} ms" for k in extra)
+                                         or "nothing") + ".", ""]
             lines += [f"Largest differences, {r['config']} {r['phase']}, {r['label']} vs baseline, micro-batch "
                       f"{r['micro_batch']} (self ms; negative = AntLM spends less):", "",
                       "| op | AntLM | baseline | AntLM − baseline |", "|---|---:|---:|---:|"]
