@@ -19,8 +19,8 @@ import torch
 
 from antlm_dist.config import recipe_from_dict
 from antlm_dist.eval import cli as eval_cli
-from antlm_dist.eval.blimp import (BlimpFormatError, MinimalPair, SentenceTooLongError, clm_scores, pll_scores,
-                                   read_blimp, read_blimp_file, score_pairs, summarize)
+from antlm_dist.eval.blimp import (BlimpFormatError, MinimalPair, SentenceTooLongError, clm_scores, format_markdown,
+                                   pll_scores, read_blimp, read_blimp_file, score_pairs, summarize)
 from antlm_dist.export import (ExportError, _builders, consolidate_state_dict, export_checkpoint, load_pretrained,
                                main as export_main, read_antlm_meta, resolve_checkpoint)
 from antlm_dist.metrics import read_metrics
@@ -267,6 +267,10 @@ def test_summarize_means_over_uids():
     assert res["by_field"]["g"]["accuracy"] == 1.0
     assert res["overall"] == pytest.approx((0.75 + 0.5 + 1.0) / 3)
     assert res["pair_accuracy"] == pytest.approx(5 / 7)
+    fewer = summarize(pairs[3:], [False, False, True, True])
+    md = format_markdown({"all": res, "subset": fewer})
+    assert "| **overall** (mean over 3 UIDs) | 7 / 4 | **75.0** | **50.0** |" in md
+    assert "| a | 4 / 1 | 75.0 | 0.0 |" in md and "| t2 | 1 | 100.0 | 100.0 |" in md
 
 
 def test_blimp_cli_both_modes(exported, tmp_path, capsys):

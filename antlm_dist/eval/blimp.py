@@ -326,7 +326,9 @@ def format_markdown(columns: dict[str, dict]) -> str:
 
     Args:
         columns: column title → a :func:`summarize` result (e.g. ``{"CLM": …, "MLM (PLL)": …}``).
-            Accuracies are printed in percent with one decimal.
+            Accuracies are printed in percent with one decimal; the rows are the first
+            column's; where columns were scored on different numbers of pairs, the pairs
+            cell lists each distinct count (``67000 / 6700``).
     """
     names = list(columns)
     first = columns[names[0]]
@@ -335,14 +337,17 @@ def format_markdown(columns: dict[str, dict]) -> str:
     def pct(x: float) -> str:
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
+    def pairs(counts) -> str:  # columns scored on different subsets (e.g. --limit) show every count
+        return " / ".join(dict.fromkeys(str(c) for c in counts if c is not None))
+
     def rows(section: str) -> str:
         return "".join(
-            f"| {g} | {rec['pairs']} | " + " | ".join(pct(columns[c][section].get(g, {}).get("accuracy"))
-                                                     for c in names) + " |\n"
-            for g, rec in first[section].items())
+            f"| {g} | {pairs(columns[c][section].get(g, {}).get('pairs') for c in names)} | "
+            + " | ".join(pct(columns[c][section].get(g, {}).get("accuracy")) for c in names) + " |\n"
+            for g in first[section])
 
     n_uid = len(first["by_uid"])
-    overall = (f"| **overall** (mean over {n_uid} UIDs) | {first['pairs']} | "
+    overall = (f"| **overall** (mean over {n_uid} UIDs) | {pairs(columns[c]['pairs'] for c in names)} | "
                + " | ".join(f"**{pct(columns[c]['overall'])}**" for c in names) + " |\n")
     return ("BLiMP accuracy (%), score(good) > score(bad)\n\n" + head + overall + rows("by_field")
             + "\nBy linguistics term\n\n" + head + rows("by_term")

@@ -125,7 +125,10 @@ def run_compare(args: argparse.Namespace) -> str:
     for name, f in zip(names, args.results):
         rep = json.loads(Path(f).read_text())
         for mode in rep["modes"]:
-            columns[f"{name} {MODE_TITLES[mode]}"] = rep["results"][mode]
+            title = f"{name} {MODE_TITLES[mode]}"
+            if title in columns:
+                raise ValueError(f"two columns would be called {title!r}; give distinct --names")
+            columns[title] = rep["results"][mode]
     md = format_markdown(columns)
     if args.out:
         Path(args.out).write_text(md)
