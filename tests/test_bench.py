@@ -243,7 +243,8 @@ def test_bench_report_and_plot_from_a_tiny_run(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "antlm_dist.bench.cli", "--config", "demo-cpu", "--out", str(out),
-         "--micro-batch", "2", "--steps", "2", "--warmup", "1", "--profile", *TINY_BENCH],
+         "--micro-batch", "2", "--steps", "2", "--warmup", "1", "--profile", "--profile-steps", "1",
+         *TINY_BENCH],
         capture_output=True, text=True, env=env, timeout=300, cwd=str(REPO))
     assert_ok(proc)
     result = json.loads((out / "bench.json").read_text())

@@ -42,7 +42,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="synthetic uniform tokens (default) or the recipe's corpus, tokenised and packed")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the HF reference step")
     p.add_argument("--profile", action="store_true",
-                   help="profile one more step of every runner and phase (torch.profiler) for bench.md")
+                   help="profile --profile-steps more steps of every runner and phase (torch.profiler) for bench.md")
+    p.add_argument("--profile-steps", type=int, default=3,
+                   help="profiled steps per runner and phase; the least disturbed one is reported (default 3)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's choice). On a shared, oversubscribed CPU use 1: "
                         "multi-threaded ops wait for descheduled threads and their times become erratic")
@@ -169,7 +171,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             recipe_zero = zero_stage(build_ds_config(recipe, 1, device, recipe_source=name))
             variants = [Variant(a, lo, z) for a in attentions for lo in losses for z in (zeros or [recipe_zero])]
             plan = BenchPlan(phases=phases, variants=variants, micro_batches=micro_batches, steps=args.steps,
-                             warmup=args.warmup, data=args.data, baseline=args.baseline, profile=args.profile)
+                             warmup=args.warmup, data=args.data, baseline=args.baseline, profile=args.profile,
+                             profile_steps=max(1, args.profile_steps))
             for mb in micro_batches or [recipe.train.micro_batch_size]:
                 records += run_group(Path(name).stem, recipe, mb, plan, device, precision, telemetry, peak,
                                      out / "data")
@@ -186,7 +189,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "precision": precision,
         "plan": {"configs": configs, "phases": phases, "attention": attentions, "loss": losses,
                  "zero": zeros or "recipe", "micro_batch": micro_batches or "recipe", "steps": args.steps,
-                 "warmup": args.warmup, "data": args.data, "baseline": args.baseline, "overrides": args.overrides},
+                 "warmup": args.warmup, "data": args.data, "baseline": args.baseline,
+                 "profile_steps": args.profile_steps if args.profile else 0, "overrides": args.overrides},
         "records": records,
         "notes": [],
     }

@@ -80,7 +80,8 @@ def markdown(result: dict) -> str:
                   "head runs on every row) ÷ this runner's, the speed-up if time were proportional to FLOPs.", ""]
     profiled = [r for r in recs if r.get("profile")]
     if profiled:
-        lines += ["## Where the time goes (one step under torch.profiler)", "",
+        lines += [f"## Where the time goes (torch.profiler, least disturbed of {result['plan'].get('profile_steps', 1)} "
+                  "profiled steps per runner and phase)", "",
                   f"Self time in ms by category ({profiled[0]['profile']['time_kind']}; a profiled step runs slower "
                   "than a timed one). matmul: mm/addmm/bmm (body and LM head); attention: SDPA kernels and softmax; "
                   "loss: log-softmax, NLL and the chunked loss's exp/max/gather; optimizer: everything under "
