@@ -174,7 +174,7 @@ def peak_flops_per_device(device: torch.device | str, precision: str = "fp32",
 
     Returns:
         (FLOP/s, description such as ``"datasheet NVIDIA H100 80GB HBM3 bf16"`` or
-        ``"measured 2048² fp32 matmul, 2 threads"``).
+        ``"measured 2048x2048 fp32 matmul (2 threads)"``).
     """
     dev = torch.device(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -187,4 +187,4 @@ def peak_flops_per_device(device: torch.device | str, precision: str = "fp32",
     peak = measure_matmul_flops(dev, dtype, n)
     threads = torch.get_num_threads()
     where = f"{threads} thread{'s' if threads != 1 else ''}" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
-    return peak, f"measured {n}x{n} {precision} matmul at start-up ({where})"
+    return peak, f"measured {n}x{n} {precision} matmul ({where})"

@@ -47,7 +47,9 @@ def markdown(result: dict) -> str:
         f"{_fmt(mach.get('load_average_1min_end'), '.1f')} at the end.",
         f"- Versions: antlm-dist {ver['antlm_dist']}, torch {ver['torch']}, deepspeed {ver['deepspeed']}, "
         f"transformers {ver['transformers']}, Python {ver['python']}.",
-        f"- Peak for MFU: {peak['flops_per_s'] / 1e12:.3f} TFLOP/s per device, {peak['source']}.",
+        f"- Peak for MFU: {peak['flops_per_s'] / 1e12:.3f} TFLOP/s per device, {peak['source']}"
+        + (f"; the larger of the measurements at start-up ({peak['start_flops_per_s'] / 1e12:.3f}) and at the end"
+           if "measured" in peak["source"] and peak.get("start_flops_per_s") else "") + ".",
         f"- Precision {result['precision']}; data {plan['data']}; {plan['warmup']} warm-up + {plan['steps']} timed "
         "optimizer steps per runner and phase, timed steps interleaved round-robin over runners and phases; "
         "step time excludes collation.",
