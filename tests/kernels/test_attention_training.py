@@ -50,7 +50,7 @@ def _losses(attention: str, document_mask: bool, steps: int = 3) -> list[float]:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        out.append(float(loss))
+        out.append(float(loss.detach()))
     return out
 
 
