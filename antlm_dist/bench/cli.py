@@ -120,6 +120,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start = _load_average()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if (not torch.cuda.is_available() and torch.get_num_threads() > 1 and load_start is not None
             and load_start > (os.cpu_count() or 1)):
         log.warning("load average %.1f on %d CPU cores: with %d torch threads per op, steps wait for descheduled "
@@ -136,9 +137,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     attentions = [resolve_attention_impl(a, device) for a in _csv(args.attention)]
     losses = _csv(args.loss)
     if "auto" in losses:
-        from antlm_dist.kernels.masked_token_loss import _use_triton
+        from antlm_dist.model.heads import resolve_loss_impl
 
-        auto_loss = "triton" if _use_triton("auto", device) else "torch"
+        auto_loss = resolve_loss_impl("auto", device)  # the trainer's choice: triton on CUDA, torch elsewhere
         losses = [auto_loss if x == "auto" else x for x in losses]
     bad = [x for x in losses if x not in ("torch", "triton")]
     if bad or not losses:
@@ -187,6 +188,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             rec["mfu"] = rec["model_flops_per_step"] / (rec["step_time_s"]["median"] * peak)
     result = {
         "schema": 1,
+        "started": started,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "antlm-bench " + shlex.join(argv),
         "machine": {**_machine(device), "load_average_1min_start": load_start,

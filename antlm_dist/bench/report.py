@@ -42,7 +42,8 @@ def markdown(result: dict) -> str:
         "# antlm-bench", "",
         f"Command: `{result['command']}`", "",
         f"- Machine: {mach['device_name']} ({mach['device']}), {mach['cpu_count']} CPU cores, "
-        f"torch threads {mach['torch_threads']}, {mach['platform']}; started {result['created']}; "
+        f"torch threads {mach['torch_threads']}, {mach['platform']}; run {result.get('started', '?')} to "
+        f"{result['created']}; "
         f"1-min load average {_fmt(mach.get('load_average_1min_start'), '.1f')} at the start, "
         f"{_fmt(mach.get('load_average_1min_end'), '.1f')} at the end.",
         f"- Versions: antlm-dist {ver['antlm_dist']}, torch {ver['torch']}, deepspeed {ver['deepspeed']}, "
