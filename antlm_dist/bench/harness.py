@@ -122,7 +122,8 @@ def load_bench_blocks(recipe: Recipe, data: str, n_blocks: int, workdir: Path):
     tok, tok_hash = prepare_tokenizer(recipe, workdir, corpus.train, 0)
     blocks = load_blocks(corpus.train, tok, tok_hash, seq_len, workdir / "cache", recipe.data.num_proc, True, "train")
     if len(blocks) < n_blocks:
-        raise ValueError(f"the corpus packs into {len(blocks)} blocks of {seq_len} tokens; the benchmark needs {n_blocks}")
+        raise ValueError(f"the corpus packs into {len(blocks)} blocks of {seq_len} tokens; "
+                         f"the benchmark needs {n_blocks}")
     return tok, blocks[:n_blocks]
 
 

@@ -42,9 +42,10 @@ def markdown(result: dict) -> str:
         "# antlm-bench", "",
         f"Command: `{result['command']}`", "",
         f"- Machine: {mach['device_name']} ({mach['device']}), {mach['cpu_count']} CPU cores, "
-        f"torch threads {mach['torch_threads']}, {mach['platform']}; run {result.get('started', '?')} to "
-        f"{result['created']}; "
-        f"1-min load average {_fmt(mach.get('load_average_1min_start'), '.1f')} at the start, "
+        f"torch threads {mach['torch_threads']}, {mach['platform']}; "
+        + (f"run {result['started']} to {result['created']}; " if result.get("started") else
+           f"written {result['created']}; ")
+        + f"1-min load average {_fmt(mach.get('load_average_1min_start'), '.1f')} at the start, "
         f"{_fmt(mach.get('load_average_1min_end'), '.1f')} at the end.",
         f"- Versions: antlm-dist {ver['antlm_dist']}, torch {ver['torch']}, deepspeed {ver['deepspeed']}, "
         f"transformers {ver['transformers']}, Python {ver['python']}.",
@@ -83,7 +84,8 @@ def markdown(result: dict) -> str:
                   "head runs on every row) ÷ this runner's, the speed-up if time were proportional to FLOPs.", ""]
     profiled = [r for r in recs if r.get("profile")]
     if profiled:
-        lines += [f"## Where the time goes (torch.profiler, least disturbed of {result['plan'].get('profile_steps', 1)} "
+        n_prof = result["plan"].get("profile_steps", 1)
+        lines += [f"## Where the time goes (torch.profiler, least disturbed of {n_prof} "
                   "profiled steps per runner and phase)", "",
                   f"Self time in ms by category ({profiled[0]['profile']['time_kind']}; a profiled step runs slower "
                   "than a timed one). matmul: mm/addmm/bmm (body and LM head); attention: SDPA kernels and softmax; "
@@ -119,7 +121,8 @@ def markdown(result: dict) -> str:
             lines += [f"Largest differences, {r['config']} {r['phase']}, {r['label']} vs baseline, micro-batch "
                       f"{r['micro_batch']} (self ms; negative = AntLM spends less):", "",
                       "| op | AntLM | baseline | AntLM − baseline |", "|---|---:|---:|---:|"]
-            lines += [f"| `{k}` | {mine.get(k, 0.0):.0f} | {ref.get(k, 0.0):.0f} | {mine.get(k, 0.0) - ref.get(k, 0.0):+.0f} |"
+            lines += [f"| `{k}` | {mine.get(k, 0.0):.0f} | {ref.get(k, 0.0):.0f} "
+                      f"| {mine.get(k, 0.0) - ref.get(k, 0.0):+.0f} |"
                       for k in ops]
             lines.append("")
         for r in profiled:

@@ -195,7 +195,7 @@ class Telemetry:
         if uuid is not None:
             try:
                 handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
-            except pynvml.NVMLError:
+            except Exception:  # noqa: BLE001 - NVMLError, or a str/bytes mismatch in older bindings
                 handle = None
         if handle is None:
             try:
