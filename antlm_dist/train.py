@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from antlm_dist import __version__
+from antlm_dist.bench.flops import FlopModel, mfu, peak_flops_per_device
 from antlm_dist.checkpoint import (CheckpointError, latest_tag, load_checkpoint, read_client_state, save_checkpoint,
                                    universal_tag)
 from antlm_dist.config import ConfigError, Recipe, dump_recipe, load_recipe
@@ -37,13 +38,14 @@ from antlm_dist.data.sampler import DistributedResumableSampler, derive_seed
 from antlm_dist.data.tokenizer import (check_vocab_matches, load_tokenizer, save_tokenizer, special_token_ids,
                                        tokenizer_hash, train_tokenizer)
 from antlm_dist.distributed import (all_reduce_sum, barrier, build_ds_config, build_engine, dist_env,
-                                    init_distributed, pick_device, world_info, zero_stage)
+                                    init_distributed, pick_device, resolve_precision, world_info, zero_stage)
 from antlm_dist.eval.heldout import evaluate_heldout
 from antlm_dist.faults import comm_failure_message, format_rank_table, gather_rank_addresses, is_comm_failure
 from antlm_dist.metrics import MetricsWriter
 from antlm_dist.model import build_model
 from antlm_dist.schedule import (PhaseDesyncError, check_phase_agreement, format_schedule, parse_schedule,
                                  phase_for_step, total_steps)
+from antlm_dist.telemetry import Telemetry
 
 log = logging.getLogger("antlm_dist")
 
@@ -328,6 +330,7 @@ def run(args: argparse.Namespace) -> int:
     # ---- model and engine
     model = build_model(recipe.model)
     n_params = sum(p.numel() for p in model.parameters())
+    flop_model = FlopModel.from_module(model, recipe.model)  # before ZeRO-3 partitions the parameters
     engine = build_engine(model, recipe, ds_config, n_steps)
     log.info(
         "antlm-dist %s | %s | world %d (%s) | ZeRO-%d | %s | %.2fM parameters | %d train / %d dev blocks of %d tokens",
@@ -339,6 +342,11 @@ def run(args: argparse.Namespace) -> int:
         format_schedule(phases), steps_per_epoch, sum(p.epochs for p in phases), n_steps, sampler.global_batch,
         tokens_per_step,
     )
+
+    # MFU (Chowdhery et al. 2022) against one device's peak; power and energy of rank 0's GPU (NVML)
+    peak_flops, peak_source = peak_flops_per_device(device, resolve_precision(recipe, device), matmul_size=1024)
+    log.info("MFU peak: %.2f TFLOP/s per device (%s)", peak_flops / 1e12, peak_source)
+    telemetry = Telemetry(device, interval_s=0.5).start()
 
     # ---- resume
     start_step = 0
@@ -410,9 +418,10 @@ def run(args: argparse.Namespace) -> int:
             checked_phase = phase.index
         collator = collators[phase.objective]
         t0 = time.perf_counter()
-        micro = [collator(train_blocks[torch.as_tensor(ids)], ids, phase.epoch) for ids in sampler.micro_batches(step)]
-        loss_total, n_global, correct_total, stop_votes = train_step(
-            engine, micro, causal=phase.causal, device=device, extra=[float(preempt.requested)])
+        with telemetry.window() as energy:
+            micro = [collator(train_blocks[torch.as_tensor(ids)], ids, phase.epoch) for ids in sampler.micro_batches(step)]
+            loss_total, n_global, correct_total, stop_votes = train_step(
+                engine, micro, causal=phase.causal, device=device, extra=[float(preempt.requested)])
         step_time = time.perf_counter() - t0
         step += 1
         if os.environ.get(TEST_STEP_DELAY_ENV):
@@ -424,6 +433,9 @@ def run(args: argparse.Namespace) -> int:
                 accuracy=correct_total / max(n_global, 1), lr=engine.get_lr()[0], tokens=tokens_per_step,
                 target_tokens=int(n_global), tokens_per_s=tokens_per_step / step_time, step_time_s=step_time,
                 grad_norm=None if grad_norm is None else float(grad_norm),
+                mfu=mfu(flop_model.step(sampler.global_batch, recipe.data.seq_len, phase.causal, n_global),
+                        step_time, peak_flops, world),
+                **energy.summary.gpu_metrics(),
             )
         if progress is not None:
             progress.update(1)
@@ -459,12 +471,13 @@ def run(args: argparse.Namespace) -> int:
         metrics.write("summary", **summary)
         log.info("done: %d steps in %.1f s; final eval %s; checkpoint %s", n_steps, elapsed,
                  json.dumps({k: round(v["loss"], 4) for k, v in (last_eval or {}).items()}), summary["checkpoint"])
+    telemetry.stop()
     metrics.close()
     return exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+    args = build_arg_parser().parse_intermixed_args(argv)
     try:
         code = run(args)
     except (ConfigError, CheckpointError, ValueError) as exc:
