@@ -121,6 +121,7 @@ class TrainConfig:
     micro_batch_size: int = 32
     """Sequences per rank per forward pass."""
     gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step on each rank."""
     lr: float = 3e-4
     """Peak learning rate of the cosine schedule."""
     min_lr_ratio: float = 0.1
