@@ -115,6 +115,13 @@ class MLMCollator:
         draw = torch.rand(tokens.shape, generator=generator)
         return (draw < self.p) & ~self.is_special[tokens]
 
+    def draw(self, tokens: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(selected, action), both (T,), for one sample: the selected positions, and one
+        U(0, 1) draw per position that picks ``<mask>`` (< 0.8), a random token (< 0.9) or
+        the original. Subclasses change how positions are selected (e.g. spans)."""
+        selected = self.select(tokens, generator)
+        return selected, torch.rand(tokens.shape, generator=generator)
+
     def __call__(self, blocks: torch.Tensor, sample_ids, epoch: int) -> Batch:
         """blocks: (B, T) int64; sample_ids: the B dataset indices (for seeding)."""
         input_ids = blocks.clone()
@@ -122,8 +129,7 @@ class MLMCollator:
         for b, sid in enumerate(sample_ids):
             g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, sid))
             original = blocks[b]
-            selected = self.select(original, g)
-            action = torch.rand(original.shape, generator=g)
+            selected, action = self.draw(original, g)
             random_tokens = self.replacement_ids[
                 torch.randint(len(self.replacement_ids), original.shape, generator=g)
             ]

@@ -28,8 +28,7 @@ import math
 
 import torch
 
-from antlm_dist.data.collators import IGNORE_INDEX, Batch, MLMCollator, segment_ids_from_eos
-from antlm_dist.data.sampler import derive_seed
+from antlm_dist.data.collators import MLMCollator
 
 SPAN_GEOMETRIC_P = 1.0 / 3.0
 """Success probability of the geometric span-length distribution (mean span 3 tokens)."""
@@ -98,26 +97,7 @@ class SpanMLMCollator(MLMCollator):
         selected = (span_draw[ids] < self.p) & ~special
         return selected, span_id, action_draw[ids]
 
-    def __call__(self, blocks: torch.Tensor, sample_ids, epoch: int) -> Batch:
-        """blocks: (B, T) int64; sample_ids: the B dataset indices (for seeding)."""
-        input_ids = blocks.clone()
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        for b, sid in enumerate(sample_ids):
-            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, sid))
-            original = blocks[b]
-            selected, _, action = self.span_selection(original, g)
-            random_tokens = self.replacement_ids[
-                torch.randint(len(self.replacement_ids), original.shape, generator=g)
-            ]
-            row = input_ids[b]
-            row[selected & (action < 0.8)] = self.mask_id
-            to_random = selected & (action >= 0.8) & (action < 0.9)
-            row[to_random] = random_tokens[to_random]
-            if self.mlm_target == "same_position":
-                labels[b][selected] = original[selected]
-            else:
-                nxt = selected[1:]
-                labels[b, :-1][nxt] = original[1:][nxt]
-        attention_mask = (blocks != self.pad_id).long()
-        seg = segment_ids_from_eos(blocks, self.eos_id) if self.document_mask else None
-        return Batch(input_ids, attention_mask, labels, seg)
+    def draw(self, tokens: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Span selection with one 80/10/10 draw per span (see :meth:`span_selection`)."""
+        selected, _, action = self.span_selection(tokens, generator)
+        return selected, action
