@@ -140,10 +140,16 @@ def peak_extra_bytes(fn, args, device):
         fwd_bwd(fn, *args)
         sync(device)
         return torch.cuda.max_memory_allocated(device) - before
+    return cpu_peak_allocated_bytes(lambda: fwd_bwd(fn, *args))
+
+
+def cpu_peak_allocated_bytes(fn) -> int:
+    """Peak of (CPU bytes allocated - bytes freed) while ``fn()`` runs, in bytes, from the
+    profiler's allocation events (memory held before the call does not count)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fwd_bwd(fn, *args)
+        fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
     live = peak = 0

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from antlm_dist.kernels import masked_token_loss, masked_token_loss_ref
+from antlm_dist.kernels.bench_masked_token_loss import cpu_peak_allocated_bytes
 
 # the package re-exports the function under the module's name; fetch the module itself
 mtl = importlib.import_module("antlm_dist.kernels.masked_token_loss")
@@ -239,21 +240,6 @@ def test_torch_path_backward_with_retain_graph_is_repeatable():
     assert _rel(g1[0], 2.0 * ref_dh) <= 1e-5 and _rel(g1[1], 2.0 * ref_dw) <= 1e-5
 
 
-def _peak_allocated_bytes(fn):
-    """Peak of (CPU bytes allocated - bytes freed) while fn runs, from the profiler's allocation events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def test_torch_path_peak_memory_does_not_scale_with_rows_times_vocab():
     rows, hidden_dim, vocab, chunk = 2048, 16, 4096, 64
     full_logits_bytes = rows * vocab * 4  # 32 MiB
@@ -268,10 +254,10 @@ def test_torch_path_peak_memory_does_not_scale_with_rows_times_vocab():
         torch.autograd.grad(loss, (hidden, weight))
 
     # the measurement sees the naive formulation's full logits ...
-    assert _peak_allocated_bytes(naive) >= full_logits_bytes
+    assert cpu_peak_allocated_bytes(naive) >= full_logits_bytes
     # ... and ours stays within its O(chunk*V + rows*H + V*H) working set, with 2x slack
     bound = 2 * 4 * (chunk * vocab + 3 * rows * hidden_dim + 3 * vocab * hidden_dim) + (1 << 20)
-    peak = _peak_allocated_bytes(ours)
+    peak = cpu_peak_allocated_bytes(ours)
     assert peak <= bound < full_logits_bytes / 4, (peak, bound)
 
 
