@@ -6,7 +6,6 @@ Unknown keys and wrong types are errors that name the field and list what is all
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -448,6 +447,3 @@ def dump_recipe(recipe: Recipe) -> str:
     """The resolved recipe as YAML text (saved with every run and checkpoint)."""
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

@@ -33,7 +33,7 @@ from antlm_dist.checkpoint import (CheckpointError, latest_tag, load_checkpoint,
 from antlm_dist.config import ConfigError, Recipe, dump_recipe, load_recipe
 from antlm_dist.data.collators import CLMCollator, MLMCollator
 from antlm_dist.data.corpus import find_corpus
-from antlm_dist.data.dataset import BlockStore, build_packed_dataset
+from antlm_dist.data.dataset import blocks_array, build_packed_dataset
 from antlm_dist.data.sampler import DistributedResumableSampler, derive_seed
 from antlm_dist.data.tokenizer import (check_vocab_matches, load_tokenizer, save_tokenizer, special_token_ids,
                                        tokenizer_hash, train_tokenizer)
@@ -143,7 +143,7 @@ def load_blocks(files, tokenizer, tok_hash: str, seq_len: int, cache_dir: Path, 
     path = cache_dir / f"{name}-{_cache_key(files, tok_hash, seq_len)}.npy"
     if build and not path.is_file():
         ds = build_packed_dataset(files, tokenizer, seq_len, cache_dir / "hf", num_proc=num_proc, desc=name)
-        arr = BlockStore(ds).tensor.numpy().astype(np.int32)
+        arr = blocks_array(ds)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
         np.save(tmp, arr)
         os.replace(tmp, path)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from antlm_dist.data.corpus import CorpusError, find_corpus
-from antlm_dist.data.dataset import BlockStore, build_packed_dataset
+from antlm_dist.data.dataset import blocks_array, build_packed_dataset
 from antlm_dist.data.sampler import DistributedResumableSampler
 from antlm_dist.data.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -36,7 +36,7 @@ def test_packing_equals_concatenated_lines(tmp_path, tiny_tokenizer):
             stream += tok(line, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     n = len(stream) // 16
     ref = torch.tensor(stream[: n * 16]).view(n, 16)
-    got = BlockStore(ds).tensor
+    got = torch.from_numpy(blocks_array(ds)).long()
     assert torch.equal(got, ref)
     assert len(tokenizer_hash(tiny_tokenizer)) == 64
 

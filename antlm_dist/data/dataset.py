@@ -66,31 +66,12 @@ def build_packed_dataset(files, tokenizer, seq_len: int, cache_dir: Path, num_pr
     return packed.cast_column("input_ids", datasets.Sequence(datasets.Value("int32")))
 
 
-class BlockStore:
-    """Packed blocks as one contiguous int64 tensor (N, T), indexed by sample id.
+def blocks_array(dataset) -> np.ndarray:
+    """The packed ``input_ids`` of :func:`build_packed_dataset` as one (N, T) int32 array.
 
-    ``blocks[i]`` is the i-th packed block; the sampler hands out these ids.
+    N may be 0 (then the array is (0, 0)).
     """
-
-    def __init__(self, dataset, limit: int | None = None):
-        import torch
-
-        arr = np.asarray(dataset.with_format("numpy")["input_ids"], dtype=np.int64)
-        if arr.ndim != 2:
-            arr = arr.reshape(len(dataset), -1)
-        if limit is not None:
-            arr = arr[:limit]
-        self.tensor = torch.from_numpy(np.ascontiguousarray(arr))
-
-    def __len__(self) -> int:
-        return self.tensor.shape[0]
-
-    @property
-    def seq_len(self) -> int:
-        return self.tensor.shape[1]
-
-    def get(self, indices):
-        """(len(indices), T) int64 copy of the selected blocks."""
-        import torch
-
-        return self.tensor[torch.as_tensor(indices, dtype=torch.long)]
+    if len(dataset) == 0:
+        return np.zeros((0, 0), dtype=np.int32)
+    arr = np.asarray(dataset.with_format("numpy")["input_ids"], dtype=np.int32)
+    return np.ascontiguousarray(arr.reshape(len(dataset), -1))
