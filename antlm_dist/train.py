@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import signal

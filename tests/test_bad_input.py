@@ -1,6 +1,5 @@
 """Every bad input stops antlm-train before any rank starts, naming the field and the fix."""
 import json
-import os
 
 import pytest
 
