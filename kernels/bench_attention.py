@@ -144,7 +144,9 @@ def main(argv=None) -> int:
                     kpm = (torch.arange(seq_len)[None, :] < lengths[:, None]).to(device)
                 kwargs = dict(causal=causal, key_padding_mask=kpm)
 
-                def fwd_bwd(fn, *inputs):
+                # Closures bind this case's tensors as defaults: the names are deleted at
+                # the end of each case to free memory before the next one.
+                def fwd_bwd(fn, *inputs, do=do):
                     out = fn(*inputs)
                     return (out, *torch.autograd.grad(out, inputs, do))
 
@@ -162,8 +164,8 @@ def main(argv=None) -> int:
 
                 fwd_flops = _attention_flops(batch, args.heads, seq_len, args.head_dim, causal)
                 candidates = {
-                    "triton": lambda: fa.flash_attention(q, k, v, backend="triton", **kwargs),
-                    "sdpa": lambda: sdpa_call(q, k, v, causal, kpm),
+                    "triton": lambda q=q, k=k, v=v: fa.flash_attention(q, k, v, backend="triton", **kwargs),
+                    "sdpa": lambda q=q, k=k, v=v: sdpa_call(q, k, v, causal, kpm),
                 }
                 row["sdpa_backend"] = ("flash" if on_gpu else "default") if kpm is None else "boolean mask (default)"
                 if flex_attention is not None and time.perf_counter() - start_s < args.budget_s:
@@ -180,7 +182,7 @@ def main(argv=None) -> int:
 
                         block_mask = create_block_mask(mask_mod, batch if padded else None, None, seq_len, seq_len,
                                                        device=device)
-                        candidates["flex"] = lambda: flex_attention(q, k, v, block_mask=block_mask)
+                        candidates["flex"] = lambda q=q, k=k, v=v: flex_attention(q, k, v, block_mask=block_mask)
                         row["flex_status"] = "ok"
                     except Exception as exc:  # noqa: BLE001
                         row["flex_status"] = f"error: {type(exc).__name__}: {exc}"[:200]
@@ -190,7 +192,7 @@ def main(argv=None) -> int:
                     try:
                         fwd_ms = time_ms(fn)
 
-                        def train_step(fn=fn):
+                        def train_step(fn=fn, do=do):
                             fn().backward(do)
 
                         fwd_bwd_ms = time_ms(train_step, grad_to_none=[q, k, v])

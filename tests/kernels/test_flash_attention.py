@@ -112,21 +112,27 @@ def _check_against_oracle(results, q, k, v, do, tol, **kwargs):
         assert err <= tol, f"{name}: relative L2 error {err:.3e} > {tol:.0e}"
 
 
-@needs_triton
-@pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("seq_len", SEQ_LENS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_matches_float64_reference(dtype, seq_len, head_dim, mode):
+def _mode_case(gen, mode, heads, seq_len, head_dim, dtype, *, kv_heads):
+    """q, k, v (2, heads|kv_heads, T, D), dO and the mask kwargs of one entry of MODES."""
     causal, padded, packed = MODES[mode]
-    gen = _generator("main", dtype, seq_len, head_dim, mode)
-    q, k, v = _qkv(gen, 2, 2, 2, seq_len, head_dim, dtype)
+    q, k, v = _qkv(gen, 2, heads, kv_heads, seq_len, head_dim, dtype)
     kwargs = dict(
         causal=causal,
         key_padding_mask=_padding(gen, 2, seq_len) if padded else None,
         segment_ids=_segments(gen, 2, seq_len) if packed else None,
     )
     do = torch.randn(q.shape, generator=gen).to(device=DEVICE, dtype=dtype)
+    return q, k, v, do, kwargs
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("seq_len", SEQ_LENS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_matches_float64_reference(dtype, seq_len, head_dim, mode):
+    gen = _generator("main", dtype, seq_len, head_dim, mode)
+    q, k, v, do, kwargs = _mode_case(gen, mode, 2, seq_len, head_dim, dtype, kv_heads=2)
     results = _forward_backward(flash_attention, q, k, v, do, backend="triton", **kwargs)
     _check_against_oracle(results, q, k, v, do, TOLERANCE[dtype], **kwargs)
     if kwargs["key_padding_mask"] is not None:
@@ -191,16 +197,8 @@ def test_padded_queries_do_not_leak_into_gradients(backend, causal):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("mode", list(MODES))
 def test_torch_reference_path_matches_float64(dtype, mode):
-    causal, padded, packed = MODES[mode]
     gen = _generator("torch-path", dtype, mode)
-    seq_len = 100
-    q, k, v = _qkv(gen, 2, 4, 2, seq_len, 32, dtype)
-    kwargs = dict(
-        causal=causal,
-        key_padding_mask=_padding(gen, 2, seq_len) if padded else None,
-        segment_ids=_segments(gen, 2, seq_len) if packed else None,
-    )
-    do = torch.randn(q.shape, generator=gen).to(device=DEVICE, dtype=dtype)
+    q, k, v, do, kwargs = _mode_case(gen, mode, 4, 100, 32, dtype, kv_heads=2)
     results = _forward_backward(flash_attention, q, k, v, do, backend="torch", **kwargs)
     _check_against_oracle(results, q, k, v, do, TOLERANCE[dtype], **kwargs)
 
