@@ -244,6 +244,42 @@ def test_pll_equals_float64_loop_on_blimp(exported):
     assert max(abs(a - b) for a, b in zip(got, ref)) <= 1e-4
 
 
+def test_blimp_cli_reads_the_whole_shared_folder(exported, tmp_path):
+    """All 67 paradigm files: every pair is read (checked against json.loads of the raw
+    lines), and the CLI's per-paradigm verdicts in both modes (first pair of each file)
+    equal the float64 one-sentence-at-a-time CLM and PLL loops."""
+    folder = shared_path("data", "blimp")
+    files = sorted(folder.glob("*.jsonl"))
+    raw = {f.stem: [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+           for f in files}
+    pairs = read_blimp(folder)
+    assert len(files) == 67 and len(pairs) == sum(len(r) for r in raw.values())
+    assert [(p.good, p.bad, p.uid, p.field) for p in pairs] == [
+        (r["sentence_good"], r["sentence_bad"], r["UID"], r["field"]) for stem in sorted(raw) for r in raw[stem]]
+
+    out = tmp_path / "full.json"
+    args = ["blimp", "--model", str(exported["zero2"]), "--data", str(folder), "--mode", "both", "--out", str(out),
+            "--limit", "1", "--batch-size", "64", "--no-progress"]
+    assert eval_cli.main(args) == 0
+    rep = json.loads(out.read_text())
+    assert rep["pairs"] == 67
+    model64, tok = load_pretrained(exported["zero2"])
+    model64 = model64.double()
+    for mode, loop in (("clm", _float64_clm), ("mlm", _float64_pll)):
+        by_uid = rep["results"][mode]["by_uid"]
+        assert set(by_uid) == {r[0]["UID"] for r in raw.values()}
+        checked = 0
+        for records in raw.values():
+            first = records[0]
+            margin = loop(model64, tok, first["sentence_good"]) - loop(model64, tok, first["sentence_bad"])
+            if abs(margin) > 3e-4:  # closer calls may flip in fp32 (each score agrees within 1e-4)
+                assert by_uid[first["UID"]]["accuracy"] == float(margin > 0), (mode, first["UID"], margin)
+                checked += 1
+        assert checked >= 50, f"{mode}: only {checked} of 67 verdicts were clear enough to compare"
+        expected_overall = sum(r["accuracy"] for r in by_uid.values()) / 67
+        assert rep["results"][mode]["overall"] == pytest.approx(expected_overall)
+
+
 # ----------------------------------------------------------------------------- BLiMP CLI, aggregation, errors
 
 def _write_pairs(path: Path, pairs: list[dict]) -> Path:
