@@ -12,6 +12,7 @@ import datetime
 import json
 import math
 import os
+import time
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -41,6 +42,47 @@ def pick_device(local_rank: int) -> torch.device:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     return torch.device("cpu")
+
+
+STALE_BUILD_LOCK_S = 600.0
+"""Age (seconds) after which a torch-extension build lock counts as abandoned; a build of
+DeepSpeed's CPU shared-memory op takes well under a minute."""
+
+
+class StaleBuildLockError(ValueError):
+    """A torch-extension build lock that no build holds any more (see :func:`check_build_locks`)."""
+
+
+def check_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, now: float | None = None) -> None:
+    """Refuse to start when a JIT build lock of a torch extension was left behind.
+
+    DeepSpeed builds some ops on first use (on CPU, its shared-memory all-reduce) through
+    ``torch.utils.cpp_extension``, which guards each build with a ``lock`` file in
+    ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). A rank killed during
+    that build leaves the file behind, and every later run then waits on it forever,
+    silently. A lock older than ``max_age_s`` seconds is reported instead.
+
+    Raises:
+        StaleBuildLockError: naming the lock file, its age and the command that removes it.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # torch builds into $TORCH_EXTENSIONS_DIR/<op>, else <cache>/torch_extensions/py311_cpu/<op>
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    if not root.is_dir():
+        return
+    now = time.time() if now is None else now
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            age = now - lock.stat().st_mtime
+        except FileNotFoundError:  # a build finished meanwhile
+            continue
+        if age > max_age_s:
+            raise StaleBuildLockError(
+                f"{lock} is a torch-extension build lock left {age / 60:.0f} minutes ago, most likely by a "
+                f"process killed while building {lock.parent.name}; a new run would wait on it forever. "
+                f"If no build is running on this machine, remove it (rm {lock}) and start again."
+            )
 
 
 def init_distributed(recipe: Recipe, device: torch.device) -> None:

@@ -36,7 +36,7 @@ from antlm_dist.data.dataset import blocks_array, build_packed_dataset
 from antlm_dist.data.sampler import DistributedResumableSampler, derive_seed
 from antlm_dist.data.tokenizer import (check_vocab_matches, load_tokenizer, save_tokenizer, special_token_ids,
                                        tokenizer_hash, train_tokenizer)
-from antlm_dist.distributed import (all_reduce_sum, barrier, build_ds_config, build_engine, dist_env,
+from antlm_dist.distributed import (all_reduce_sum, barrier, build_ds_config, build_engine, check_build_locks, dist_env,
                                     init_distributed, pick_device, resolve_precision, world_info, zero_stage)
 from antlm_dist.eval.heldout import evaluate_heldout
 from antlm_dist.faults import comm_failure_message, format_rank_table, gather_rank_addresses, is_comm_failure
@@ -103,17 +103,20 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
 def preflight(args: argparse.Namespace, world_size: int):
     """Every check that needs no compute, run before any rank trains.
 
-    Validates the recipe, the output folder, the corpus (exists, non-empty, UTF-8), the
-    DeepSpeed JSON against the recipe's batch sizes for ``world_size``, and a given
-    ``tokenizer.path`` against ``model.vocab_size``.
+    Validates the recipe, that no abandoned torch-extension build lock would hang the start,
+    the output folder, the corpus (exists, non-empty, UTF-8), the DeepSpeed JSON against the
+    recipe's batch sizes for ``world_size``, and a given ``tokenizer.path`` against
+    ``model.vocab_size``.
 
     Returns:
         (recipe, corpus files).
 
     Raises:
-        ConfigError, CorpusError, ScheduleError, TokenizerError: naming field and fix.
+        ConfigError, CorpusError, ScheduleError, TokenizerError, StaleBuildLockError: naming
+        field and fix.
     """
     recipe = load_recipe(args.config, args.overrides)
+    check_build_locks()
     check_output_dir(Path(args.output_dir), args.resume, args.overwrite)
     corpus = find_corpus(recipe.data.corpus)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -90,3 +90,29 @@ def test_unknown_key_and_wrong_type():
         load_recipe("no-such-recipe")
     with pytest.raises(ConfigError, match="mlm_probability"):
         load_recipe("demo-cpu", ["objective.mlm_probability=1.5"])
+
+
+def test_abandoned_build_lock_is_reported_not_waited_on(tmp_path, capsys, tiny_args, monkeypatch):
+    """A torch-extension build lock left by a killed rank would make torch's FileBaton wait
+    forever; antlm-train names the file and the fix instead. A fresh lock (a build running
+    now) is left alone."""
+    import os
+    import time
+
+    from torch.utils.file_baton import FileBaton
+
+    from antlm_dist.distributed import check_build_locks
+
+    root = tmp_path / "ext"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    lock = root / "deepspeed_shm_comm" / "lock"  # torch's layout under $TORCH_EXTENSIONS_DIR
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    assert not FileBaton(str(lock)).try_acquire()  # what a build would do: wait for the file to go
+    check_build_locks()  # just created: a build may be running
+    old = time.time() - 1200
+    os.utime(lock, (old, old))
+    err = _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args], str(lock), "rm ", "20 minutes")
+    assert "deepspeed_shm_comm" in err and not (tmp_path / "o").exists()
+    lock.unlink()
+    check_build_locks()
