@@ -59,3 +59,55 @@ def run_torchrun(script: Path, args: list[str], nproc: int = 2, timeout: float =
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-4000:]}\nSTDERR\n{proc.stderr[-6000:]}"
+
+
+# ----------------------------------------------------------------------------- Triton without a GPU
+
+_SM90_COMPILE_SCRIPT = r"""
+import importlib, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+for spec in json.loads(sys.argv[1]):
+    kernel = autotuned = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+    while not isinstance(kernel, JITFunction):  # an autotuned kernel wraps the JIT function
+        kernel = kernel.fn
+    # every autotune config of the kernel, or one build with 4 warps and 3 stages
+    configs = [(c.kwargs, {"num_warps": c.num_warps, "num_stages": c.num_stages}) for c in autotuned.configs] \
+        if spec.get("autotune_configs") else [({}, {"num_warps": 4, "num_stages": 3})]
+    for blocks, options in configs:
+        const = {**spec["constants"], **blocks}
+        sig = {name: "constexpr" if name in const else spec["types"].get(name, "i32") for name in kernel.arg_names}
+        try:
+            src = ASTSource(kernel, sig, {(list(sig).index(k),): v for k, v in const.items()})
+        except Exception as exc:  # this Triton's ASTSource API differs: nothing to check here
+            print("ASTSource API:", exc)
+            sys.exit(77)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+        assert compiled.asm.get("cubin"), f"{spec['kernel']} {blocks}: no cubin"
+print("compiled")
+"""
+
+
+def assert_compile_for_sm90(specs: list[dict], cache_dir: Path) -> None:
+    """Lower Triton kernels through the CUDA backend and ptxas for sm_90, with no GPU.
+
+    Each spec: ``{"module", "kernel", "types": {arg: "*fp32" | "fp32" | ...},
+    "constants": {arg: value}, "autotune_configs": bool}``; arguments named in neither
+    are ``i32``. With ``autotune_configs`` the kernel is built once per config of its
+    ``@triton.autotune`` list (block sizes, warps, stages), as a GPU would. Runs in a
+    subprocess with ``TRITON_INTERPRET=0``; skips when this Triton's compiler API differs
+    or ptxas is missing.
+    """
+    import json
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(cache_dir))
+    proc = subprocess.run([sys.executable, "-c", _SM90_COMPILE_SCRIPT, json.dumps(specs)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode == 77:
+        pytest.skip(proc.stdout.strip())
+    if "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("ptxas is not available")
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -19,6 +19,7 @@ import torch
 
 import antlm_dist.kernels as kernels_pkg
 from antlm_dist.kernels import flash_attention as _fa_entry  # noqa: F401  (the public import path)
+from antlm_testutil import assert_compile_for_sm90
 
 fa = importlib.import_module("antlm_dist.kernels.flash_attention")
 if fa.HAS_TRITON and not fa.BUILT_FOR_INTERPRETER and fa._interpreting() and not torch.cuda.is_available():
@@ -293,3 +294,22 @@ def test_benchmark_cpu_smoke_runs(tmp_path):
 
     report = json.loads(out.read_text())
     assert report["rows"] and all("triton_fwd_tflops" in row for row in report["rows"])
+
+
+@needs_triton
+def test_triton_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    """Every kernel, with every GPU autotune config, lowered through Triton's CUDA backend
+    and ptxas (no GPU needed): bf16 causal with padding, segments and a ragged length, and
+    fp32 bidirectional with no mask."""
+    specs = []
+    for dtype, precision, causal, masks in (("bf16", "tf32", True, True), ("fp32", "ieee", False, False)):
+        tensors = {name: "*" + dtype for name in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr")}
+        types = {**tensors, "lse_ptr": "*fp32", "delta_ptr": "*fp32", "kpm_ptr": "*u8", "seg_ptr": "*i32",
+                 "softmax_scale": "fp32"}
+        flags = {"GROUPS": 2, "HEAD_DIM": 64, "IS_CAUSAL": causal, "EVEN": not masks, "HAS_PADDING": masks,
+                 "HAS_SEGMENTS": masks, "INPUT_PRECISION": precision}
+        specs += [{"module": fa.__name__, "kernel": name, "types": types, "constants": flags, "autotune_configs": True}
+                  for name in ("_flash_attn_fwd_kernel", "_flash_attn_bwd_dkdv_kernel", "_flash_attn_bwd_dq_kernel")]
+        specs.append({"module": fa.__name__, "kernel": "_flash_attn_bwd_preprocess_kernel", "types": types,
+                      "constants": {"HEAD_DIM": 64, "BLOCK_M": 128}})
+    assert_compile_for_sm90(specs, tmp_path)
