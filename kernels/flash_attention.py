@@ -111,6 +111,46 @@ _AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "IS_CAUSAL"]
 
 
 @triton.jit
+def _mask_scores(
+    s, offs_m, offs_n, col_ok, seg_q, kpm_base, seg_base,
+    DIAG: tl.constexpr, BOUNDARY: tl.constexpr, HAS_PADDING: tl.constexpr, HAS_SEGMENTS: tl.constexpr,
+):
+    """Scores s (BLOCK_M, BLOCK_N) with -inf where query row offs_m may not see key offs_n:
+    past the end (BOUNDARY), above the diagonal (DIAG), a padded key, another segment.
+    The forward and the dQ pass share it, so both apply the same mask."""
+    if BOUNDARY:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    if DIAG:
+        s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+    if HAS_PADDING:
+        key_real = tl.load(kpm_base + offs_n, mask=col_ok, other=0)
+        s = tl.where(key_real[None, :] != 0, s, float("-inf"))
+    if HAS_SEGMENTS:
+        seg_k = tl.load(seg_base + offs_n, mask=col_ok, other=0)
+        s = tl.where(seg_q[:, None] == seg_k[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _load_query_rows(
+    q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, row_ok, MASKED: tl.constexpr,
+):
+    """q, dO (BLOCK_M, D) and lse, delta (BLOCK_M,) fp32 of one query block for the backward.
+    With MASKED, rows past the end read q = dO = 0, delta = 0 and lse = +inf, hence p = 0."""
+    if MASKED:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
+        delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
+    else:
+        q = tl.load(q_ptrs)
+        do = tl.load(do_ptrs)
+        lse = tl.load(lse_ptrs)
+        delta = tl.load(delta_ptrs)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q, seg_q, offs_m,
     k_base, v_base, kpm_base, seg_base,
@@ -135,16 +175,8 @@ def _attn_fwd_inner(
             kt = tl.load(kt_ptrs)
             v = tl.load(v_ptrs)
         s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
-        if BOUNDARY:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-        if DIAG:
-            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
-        if HAS_PADDING:
-            key_real = tl.load(kpm_base + offs_n, mask=col_ok, other=0)
-            s = tl.where(key_real[None, :] != 0, s, float("-inf"))
-        if HAS_SEGMENTS:
-            seg_k = tl.load(seg_base + offs_n, mask=col_ok, other=0)
-            s = tl.where(seg_q[:, None] == seg_k[None, :], s, float("-inf"))
+        s = _mask_scores(s, offs_m, offs_n, col_ok, seg_q, kpm_base, seg_base,
+                         DIAG, BOUNDARY, HAS_PADDING, HAS_SEGMENTS)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no allowed key so far keeps m = -inf; shift by 0 there so that
         # exp2(-inf - -inf) never produces NaN.
@@ -294,17 +326,7 @@ def _attn_bwd_dkdv_inner(
         row_ok = offs_m < seq_len
         q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
         do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
-        if BOUNDARY:
-            # Rows past the end get lse = +inf, hence p = 0.
-            q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-            lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse = tl.load(lse_base + offs_m)
-            delta = tl.load(delta_base + offs_m)
+        q, do, lse, delta = _load_query_rows(q_ptrs, do_ptrs, lse_base + offs_m, delta_base + offs_m, row_ok, BOUNDARY)
         st = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         if DIAG:
             st = tl.where(offs_m[None, :] >= offs_n[:, None], st, float("-inf"))
@@ -443,16 +465,8 @@ def _attn_bwd_dq_inner(
             kt = tl.load(kt_ptrs)
             vt = tl.load(vt_ptrs)
         s = tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        if BOUNDARY:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-        if DIAG:
-            s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
-        if HAS_PADDING:
-            key_real = tl.load(kpm_base + offs_n, mask=col_ok, other=0)
-            s = tl.where(key_real[None, :] != 0, s, float("-inf"))
-        if HAS_SEGMENTS:
-            seg_k = tl.load(seg_base + offs_n, mask=col_ok, other=0)
-            s = tl.where(seg_q[:, None] == seg_k[None, :], s, float("-inf"))
+        s = _mask_scores(s, offs_m, offs_n, col_ok, seg_q, kpm_base, seg_base,
+                         DIAG, BOUNDARY, HAS_PADDING, HAS_SEGMENTS)
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -494,16 +508,7 @@ def _flash_attn_bwd_dq_kernel(
     do_ptrs = do_ptr + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
     lse_ptrs = lse_ptr + off_bh * seq_len + offs_m
     delta_ptrs = delta_ptr + off_bh * seq_len + offs_m
-    if EVEN:
-        q = tl.load(q_ptrs)
-        do = tl.load(do_ptrs)
-        lse = tl.load(lse_ptrs)
-        delta = tl.load(delta_ptrs)
-    else:
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
-        lse = tl.load(lse_ptrs, mask=row_ok, other=float("inf"))
-        delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
+    q, do, lse, delta = _load_query_rows(q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, row_ok, not EVEN)
     lse2 = lse * 1.4426950408889634
     seg_q = offs_m
     if HAS_SEGMENTS:
