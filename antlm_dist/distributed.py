@@ -53,7 +53,7 @@ class StaleBuildLockError(ValueError):
     """A torch-extension build lock that no build holds any more (see :func:`check_build_locks`)."""
 
 
-def check_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, now: float | None = None) -> None:
+def check_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> None:
     """Refuse to start when a JIT build lock of a torch extension was left behind.
 
     DeepSpeed builds some ops on first use (on CPU, its shared-memory all-reduce) through
@@ -71,7 +71,7 @@ def check_build_locks(max_age_s: float = STALE_BUILD_LOCK_S, now: float | None =
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
     if not root.is_dir():
         return
-    now = time.time() if now is None else now
+    now = time.time()
     for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
         try:
             age = now - lock.stat().st_mtime
