@@ -152,9 +152,9 @@ def _ltg_bert_hf_config(m: ModelConfig, tok):
 
 
 def _ltg_bert_hf_model(cfg):
-    from antlm_dist.model.ltg_bert_hf import hf_model_from_config
+    from antlm_dist.model.ltg_bert_hf import LtgBertHFForMaskedLM
 
-    return hf_model_from_config(cfg)
+    return LtgBertHFForMaskedLM(cfg)
 
 
 HF_CONFIG_BUILDERS = {"llama": (_llama_hf_config, _llama_hf_model),

@@ -297,7 +297,8 @@ def test_wordpiece_roles_and_reproducible_training(wordpiece_tokenizer, tmp_path
 def test_export_loads_offline_through_the_auto_classes(wordpiece_tokenizer, tmp_path, monkeypatch):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from antlm_dist.model.ltg_bert_hf import LtgBertHFForMaskedLM, export_ltg_bert
+    from antlm_dist.export import write_hf_folder
+    from antlm_dist.model.ltg_bert_hf import LtgBertHFForMaskedLM
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = load_recipe("ltg-bert-demo-cpu", ["model.vocab_size=512", "model.hidden_size=32",
@@ -305,7 +306,7 @@ def test_export_loads_offline_through_the_auto_classes(wordpiece_tokenizer, tmp_
                                                "model.num_attention_heads=2"])
     torch.manual_seed(0)
     model = build_model(recipe.model).eval()
-    out = export_ltg_bert(model.state_dict(), recipe, wordpiece_tokenizer.parent, tmp_path / "hf", {"step": 0})
+    out = write_hf_folder(tmp_path / "hf", recipe, model.state_dict(), wordpiece_tokenizer.parent, {"step": 0})
     ids = torch.randint(5, 512, (2, 21))
     registered = AutoModelForMaskedLM.from_pretrained(str(out)).eval()  # classes registered on import
     assert type(registered) is LtgBertHFForMaskedLM

@@ -21,8 +21,6 @@ convention (aligned to positions, -100 = no loss); the loss is their mean cross-
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
@@ -131,45 +129,3 @@ def hf_config_from_model_config(m: ModelConfig, tok) -> LtgBertHFConfig:
     cfg.architectures = ["LtgBertHFForMaskedLM"]
     return cfg
 
-
-def hf_model_from_config(cfg: LtgBertHFConfig) -> LtgBertHFForMaskedLM:
-    return LtgBertHFForMaskedLM(cfg)
-
-
-def export_ltg_bert(state_dict: dict[str, torch.Tensor], recipe, tokenizer_dir: Path | str,
-                    out_dir: Path | str, meta: dict | None = None) -> Path:
-    """Write an HF folder (config, fp32 safetensors, tokenizer, model code) for an ``ltg_bert`` run.
-
-    Args:
-        state_dict: the trainer model's state dict (names of ``LtgBertForPretraining``).
-        recipe: the run's :class:`~antlm_dist.config.Recipe`.
-        tokenizer_dir: folder (or file) of the run's ``tokenizer.json``.
-        out_dir: folder to write; created if absent.
-        meta: extra metadata stored in ``config.json`` under ``antlm`` (the recipe is added).
-
-    Returns:
-        ``out_dir``.
-
-    Raises:
-        ValueError: the recipe is not ``ltg_bert`` or the weights do not fit it.
-    """
-    from antlm_dist.data.tokenizer import check_vocab_matches, load_tokenizer
-
-    if recipe.model.arch != "ltg_bert":
-        raise ValueError(f"export_ltg_bert: model.arch={recipe.model.arch!r}; expected ltg_bert")
-    out = Path(out_dir)
-    tok = load_tokenizer(tokenizer_dir, recipe.tokenizer.kind)
-    check_vocab_matches(tok, recipe.model.vocab_size, str(tokenizer_dir))
-    config = hf_config_from_model_config(recipe.model, tok)
-    config.antlm = {"arch": "ltg_bert", **(meta or {}), "recipe": recipe.to_dict()}
-    model = hf_model_from_config(config)
-    try:
-        model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"the weights do not fit model.arch=ltg_bert with this recipe: {exc}") from exc
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    tok.model_max_length = recipe.model.max_position_embeddings
-    tok.save_pretrained(str(out))
-    json.loads((out / "config.json").read_text())  # written and readable
-    return out
