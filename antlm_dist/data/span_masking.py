@@ -67,8 +67,6 @@ class SpanMLMCollator(MLMCollator):
         document_mask: also emit ``segment_ids``.
     """
 
-    causal = False
-
     def span_selection(self, tokens: torch.Tensor, generator: torch.Generator):
         """Spans and their choices for one sample.
 

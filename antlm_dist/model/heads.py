@@ -29,6 +29,24 @@ class LossOutput(NamedTuple):
     n_correct: torch.Tensor
 
 
+def project_or_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None, loss_impl: str):
+    """Logits (…, V) = hidden (…, H) · weightᵀ when ``labels`` is None; else the
+    :class:`LossOutput` of :func:`antlm_dist.kernels.masked_token_loss` over the rows whose
+    label (…) int64 is not -100 (the full logits are never materialised).
+
+    Call it from the ``forward`` of the module that owns ``weight`` (ZeRO-3 gathers it there).
+    """
+    if labels is None:
+        return nn.functional.linear(hidden, weight)
+    from antlm_dist.kernels import masked_token_loss
+
+    loss, n, correct = masked_token_loss(
+        hidden, weight, labels, reduction="sum", return_accuracy=True,
+        backend=resolve_loss_impl(loss_impl, hidden.device),
+    )
+    return LossOutput(loss, n, correct)
+
+
 class LMHead(nn.Module):
     """``weight`` (V, H) without bias, named ``lm_head.weight`` as in HF Llama.
 
@@ -45,12 +63,4 @@ class LMHead(nn.Module):
         self.loss_impl = loss_impl
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None):
-        if labels is None:
-            return nn.functional.linear(hidden, self.weight)
-        from antlm_dist.kernels import masked_token_loss
-
-        loss, n, correct = masked_token_loss(
-            hidden, self.weight, labels, reduction="sum", return_accuracy=True,
-            backend=resolve_loss_impl(self.loss_impl, hidden.device),
-        )
-        return LossOutput(loss, n, correct)
+        return project_or_loss(hidden, self.weight, labels, self.loss_impl)

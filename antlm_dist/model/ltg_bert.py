@@ -54,10 +54,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from antlm_dist.config import ModelConfig
+from antlm_dist.data.collators import IGNORE_INDEX
 from antlm_dist.model.attention import build_attention_mask
-from antlm_dist.model.heads import LossOutput, resolve_loss_impl
+from antlm_dist.model.heads import project_or_loss
 
-IGNORE_INDEX = -100
 
 
 def log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_position: int) -> torch.Tensor:
@@ -118,15 +118,7 @@ class TiedWordEmbedding(nn.Embedding):
             return F.embedding(input_ids, self.weight)
         if hidden is None:
             raise ValueError("TiedWordEmbedding needs input_ids (lookup) or hidden (output projection)")
-        if labels is None:
-            return F.linear(hidden, self.weight)
-        from antlm_dist.kernels import masked_token_loss
-
-        loss, n, correct = masked_token_loss(
-            hidden, self.weight, labels, reduction="sum", return_accuracy=True,
-            backend=resolve_loss_impl(self.loss_impl, hidden.device),
-        )
-        return LossOutput(loss, n, correct)
+        return project_or_loss(hidden, self.weight, labels, self.loss_impl)
 
 
 class LtgBertEmbedding(nn.Module):

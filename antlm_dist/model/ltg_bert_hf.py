@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig, Pre
 from transformers.modeling_outputs import MaskedLMOutput
 
 from antlm_dist.config import ModelConfig
+from antlm_dist.data.collators import IGNORE_INDEX
 from antlm_dist.model.ltg_bert import LtgBertForPretraining
 
 MODEL_TYPE = "antlm_ltg_bert"
@@ -111,7 +112,7 @@ class LtgBertHFForMaskedLM(PreTrainedModel):
         logits = self.embedding.word_embedding(hidden=self.classifier(hidden))  # (B, T, V)
         loss = None
         if labels is not None:
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
