@@ -97,11 +97,17 @@ class WindowSummary:
 
 
 class Window:
-    """A measurement window; see :meth:`Telemetry.window`. ``summary`` is set on exit."""
+    """A measurement window; see :meth:`Telemetry.window`. ``summary`` is ready after exit.
+
+    Exit only takes the end readings; the samples are gathered and summarised when
+    ``summary`` is first read, so a window nobody reads (the trainer opens one per step
+    and reads it on logging steps) costs no pass over the sample buffer.
+    """
 
     def __init__(self, telemetry: "Telemetry"):
         self._tel = telemetry
-        self.summary: WindowSummary | None = None
+        self._last: Sample | None = None
+        self._summary: WindowSummary | None = None
 
     def __enter__(self) -> "Window":
         tel = self._tel
@@ -112,9 +118,20 @@ class Window:
 
     def __exit__(self, *exc) -> None:
         tel = self._tel
-        last = tel._record()
-        energy1 = tel._energy_mj()
-        cpu1 = tel._cpu_time_s()
+        self._last = tel._record()
+        self._energy1 = tel._energy_mj()
+        self._cpu1 = tel._cpu_time_s()
+        self._has_gpu = tel.has_gpu  # stop() releases NVML; the summary may be read after it
+
+    @property
+    def summary(self) -> WindowSummary | None:
+        """:class:`WindowSummary` of the window (None until it has exited)."""
+        if self._summary is None and self._last is not None:
+            self._summary = self._summarize()
+        return self._summary
+
+    def _summarize(self) -> WindowSummary:
+        tel, last, energy1, cpu1 = self._tel, self._last, self._energy1, self._cpu1
         samples = tel._samples_between(self._first.t_s, last.t_s)
         duration = max(last.t_s - self._first.t_s, 1e-12)
         summary = WindowSummary(
@@ -123,7 +140,7 @@ class Window:
             cpu_util_pct=100.0 * (cpu1 - self._cpu0) / duration,
             n_samples=len(samples),
         )
-        if tel.has_gpu:
+        if self._has_gpu:
             power = [(s.t_s, s.power_w) for s in samples if s.power_w is not None]
             if self._energy0 is not None and energy1 is not None:
                 summary.energy_j, summary.energy_source = (energy1 - self._energy0) / 1000.0, "counter"
@@ -135,7 +152,7 @@ class Window:
             summary.sm_util_pct = _mean(s.sm_util_pct for s in samples)
             summary.sm_clock_mhz = _mean(s.sm_clock_mhz for s in samples)
             summary.mem_used_gib = max((s.mem_used_gib for s in samples if s.mem_used_gib is not None), default=None)
-        self.summary = summary
+        return summary
 
 
 def _mean(values) -> float | None:
