@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     """Run the matrix and write the reports. Returns the ``bench.json`` content."""
     import torch
 
-    from antlm_dist.bench.flops import peak_flops_per_device
+    from antlm_dist.bench.flops import mfu, peak_flops_per_device
     from antlm_dist.bench.harness import PHASES, BenchPlan, Variant, run_group
     from antlm_dist.bench.report import write_json, write_markdown, write_plot
     from antlm_dist.config import ConfigError, load_recipe
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         # processes only ever slow a matmul down, so the larger of two measurements is the better one.
         peak = max(peak, peak_flops_per_device(device, precision)[0])
         for rec in records:
-            rec["mfu"] = rec["model_flops_per_step"] / (rec["step_time_s"]["median"] * peak)
+            rec["mfu"] = mfu(rec["model_flops_per_step"], rec["step_time_s"]["median"], peak)
     result = {
         "schema": 1,
         "started": started,

@@ -25,6 +25,7 @@ synchronised on CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -40,6 +41,7 @@ import torch
 from antlm_dist.bench.flops import FlopModel, mfu
 from antlm_dist.config import Recipe
 from antlm_dist.data.tokenizer import SPECIAL_TOKENS
+from antlm_dist.telemetry.monitor import mean_or_none
 
 log = logging.getLogger("antlm_dist.bench")
 
@@ -75,7 +77,6 @@ class BenchPlan:
     profile_steps: int = 3
     """Profiled steps per runner and phase; the one with the least total self time is kept
     (other processes' load only ever adds time)."""
-    telemetry_interval_s: float = 0.02
 
 
 # ----------------------------------------------------------------------------- data
@@ -221,7 +222,8 @@ class BaselineRunner:
         self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
                                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else
-                         torch.autocast(device.type, dtype=torch.float16) if precision == "fp16" else None)
+                         torch.autocast(device.type, dtype=torch.float16) if precision == "fp16" else
+                         contextlib.nullcontext())
 
     def step(self, micro_batches, causal: bool) -> None:
         from transformers.loss.loss_utils import ForMaskedLMLoss
@@ -230,7 +232,7 @@ class BaselineRunner:
         for batch in micro_batches:
             batch = batch.to(self.device)
             ids, am = batch.input_ids, batch.attention_mask
-            with self.autocast if self.autocast is not None else _null():
+            with self.autocast:
                 if causal:
                     labels = ids.masked_fill(am == 0, -100)  # HF shifts these itself
                     loss = self.model(input_ids=ids, attention_mask=am, labels=labels,
@@ -249,14 +251,6 @@ class BaselineRunner:
 
     def close(self) -> None:
         self.model = self.optimizer = None
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -466,7 +460,7 @@ def run_group(config_name: str, recipe: Recipe, micro_batch: int, plan: BenchPla
                 "cpu_util_pct": sum(w.cpu_util_pct * w.duration_s for w in ws) / max(total_s, 1e-12),
                 "power_w": (sum(energy) / total_s) if energy else None,
                 "energy_j_per_step": (sum(energy) / len(energy)) if energy else None,
-                "sm_util_pct": _mean_or_none(w.sm_util_pct for w in ws),
+                "sm_util_pct": mean_or_none(w.sm_util_pct for w in ws),
                 "profile": profiles.get(key),
             }
             records.append(rec)
@@ -485,6 +479,3 @@ def run_group(config_name: str, recipe: Recipe, micro_batch: int, plan: BenchPla
     return records
 
 
-def _mean_or_none(values) -> float | None:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None

@@ -149,13 +149,14 @@ class Window:
                 summary.energy_source = "power_integral"
             if summary.energy_j is not None:
                 summary.power_w = summary.energy_j / duration
-            summary.sm_util_pct = _mean(s.sm_util_pct for s in samples)
-            summary.sm_clock_mhz = _mean(s.sm_clock_mhz for s in samples)
+            summary.sm_util_pct = mean_or_none(s.sm_util_pct for s in samples)
+            summary.sm_clock_mhz = mean_or_none(s.sm_clock_mhz for s in samples)
             summary.mem_used_gib = max((s.mem_used_gib for s in samples if s.mem_used_gib is not None), default=None)
         return summary
 
 
-def _mean(values) -> float | None:
+def mean_or_none(values) -> float | None:
+    """Mean of the values that are not None; None when there are none."""
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
 
