@@ -209,23 +209,22 @@ def train_step(engine, micro_batches, *, causal: bool, device, extra=()) -> tupl
     Returns:
         (global summed loss in nats, N_global, global top-1 hits, *summed extras).
     """
-    import torch.distributed as dist
-
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    _, world = world_info()
     gas = engine.gradient_accumulation_steps()
     if len(micro_batches) != gas:
         raise ValueError(f"{len(micro_batches)} micro-batches for gradient_accumulation_steps={gas}")
     (n_global,) = all_reduce_sum([sum(b.num_targets for b in micro_batches)], device)
     scale = world * gas / max(n_global, 1.0)
-    loss_sum = correct = 0.0
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss, hits), read once after the loop
     for batch in micro_batches:
         batch = batch.to(device)
         res = engine(batch.input_ids, batch.attention_mask, batch.labels, causal=causal,
                      segment_ids=batch.segment_ids)
         engine.backward(res.loss_sum * scale)
         engine.step()
-        loss_sum += float(res.loss_sum.detach())
-        correct += float(res.n_correct)
+        sums[0] += res.loss_sum.detach().double()
+        sums[1] += res.n_correct.double()
+    loss_sum, correct = sums.tolist()
     loss_total, correct_total, *rest = all_reduce_sum([loss_sum, correct, *extra], device)
     return (loss_total, n_global, correct_total, *rest)
 
