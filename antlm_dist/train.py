@@ -43,7 +43,7 @@ from antlm_dist.faults import comm_failure_message, format_rank_table, gather_ra
 from antlm_dist.metrics import MetricsWriter
 from antlm_dist.model import build_model
 from antlm_dist.schedule import (PhaseDesyncError, check_phase_agreement, format_schedule, parse_schedule,
-                                 phase_for_step, total_steps)
+                                 phase_for_step, total_epochs, total_steps)
 from antlm_dist.telemetry import Telemetry
 
 log = logging.getLogger("antlm_dist")
@@ -325,27 +325,37 @@ def run(args: argparse.Namespace) -> int:
                 f"{t.micro_batch_size} × train.gradient_accumulation_steps {t.gradient_accumulation_steps} × world "
                 f"size {world}); the global batch must stay constant across resumes: {hint}"
             )
+        if resume_state["schedule"] != format_schedule(phases):
+            raise CheckpointError(
+                f"checkpoint {resume_tag} was trained with schedule {resume_state['schedule']!r} but the recipe says "
+                f"{format_schedule(phases)!r}; resume with the same objective.schedule"
+            )
+        if resume_state["tokenizer_hash"] != tok_hash:
+            raise CheckpointError(
+                f"checkpoint {resume_tag} used another tokenizer (hash {resume_state['tokenizer_hash'][:12]}…)"
+            )
         if resume_state["world_size"] != world:
             ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
     # ---- model and engine
+    precision = resolve_precision(recipe, device)
     model = build_model(recipe.model)
     n_params = sum(p.numel() for p in model.parameters())
     flop_model = FlopModel.from_module(model, recipe.model)  # before ZeRO-3 partitions the parameters
     engine = build_engine(model, recipe, ds_config, n_steps)
     log.info(
         "antlm-dist %s | %s | world %d (%s) | ZeRO-%d | %s | %.2fM parameters | %d train / %d dev blocks of %d tokens",
-        __version__, recipe.name, world, device.type, zero_stage(ds_config), ds_config.get("bf16", {}).get("enabled") and "bf16" or "fp32",
+        __version__, recipe.name, world, device.type, zero_stage(ds_config), precision,
         n_params / 1e6, len(train_blocks), len(dev_blocks), recipe.data.seq_len,
     )
     log.info(
         "schedule %s: %d steps/epoch × %d epochs = %d optimizer steps; global batch %d sequences = %d tokens per step",
-        format_schedule(phases), steps_per_epoch, sum(p.epochs for p in phases), n_steps, sampler.global_batch,
+        format_schedule(phases), steps_per_epoch, total_epochs(phases), n_steps, sampler.global_batch,
         tokens_per_step,
     )
 
     # MFU (Chowdhery et al. 2022) against one device's peak; power and energy of rank 0's GPU (NVML)
-    peak_flops, peak_source = peak_flops_per_device(device, resolve_precision(recipe, device), matmul_size=1024)
+    peak_flops, peak_source = peak_flops_per_device(device, precision, matmul_size=1024)
     log.info("MFU peak: %.2f TFLOP/s per device (%s)", peak_flops / 1e12, peak_source)
     telemetry = Telemetry(device, interval_s=0.5).start()
 
@@ -353,13 +363,6 @@ def run(args: argparse.Namespace) -> int:
     start_step = 0
     if args.resume:
         tag, state = resume_tag, resume_state
-        if state["schedule"] != format_schedule(phases):
-            raise CheckpointError(
-                f"checkpoint {tag} was trained with schedule {state['schedule']!r} but the recipe says "
-                f"{format_schedule(phases)!r}; resume with the same objective.schedule"
-            )
-        if state["tokenizer_hash"] != tok_hash:
-            raise CheckpointError(f"checkpoint {tag} used another tokenizer (hash {state['tokenizer_hash'][:12]}…)")
         start_step = sampler.step_from_state(state["sampler"])
         if state["world_size"] != world:
             log.info("checkpoint %s was written by %d ranks, this run has %d: loading its universal form",

@@ -49,6 +49,9 @@ def test_interrupted_mid_phase_resume_equals_uninterrupted(full_run, tmp_path, t
     assert not (out / "summary.json").exists()
     again = run_cli(base)  # no --resume: refuses to mix runs
     assert again.returncode == 2 and "--resume" in again.stderr
+    other = run_cli(base + ["--resume", "objective.schedule=1_CLM+2_MLM"])  # refused before the model is built
+    assert other.returncode != 0 and "resume with the same objective.schedule" in other.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "step00000006"
     resumed = run_cli(base + ["--resume"])
     assert_ok(resumed)
     assert "resumed from step00000006 at step 6" in resumed.stderr + resumed.stdout
