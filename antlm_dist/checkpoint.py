@@ -54,8 +54,13 @@ def latest_tag(ckpt_dir: Path) -> str | None:
         tag = pointer.read_text().strip()
         if (ckpt_dir / tag / "COMPLETE").is_file():
             return tag
-    tags = sorted(p.name for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if (p / "COMPLETE").is_file())
-    return tags[-1] if tags else None
+    tags = _complete_tags(ckpt_dir)
+    return tags[-1].name if tags else None
+
+
+def _complete_tags(ckpt_dir: Path) -> list[Path]:
+    """Tag folders holding a ``COMPLETE`` marker, oldest first (tags sort by step)."""
+    return sorted(p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if (p / "COMPLETE").is_file())
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int = 0) -> Path:
@@ -89,8 +94,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
         _atomic_write(final / "COMPLETE", "ok\n")
         _atomic_write(ckpt_dir / "latest", tag)
         if keep_last > 0:
-            complete = sorted(p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if (p / "COMPLETE").is_file())
-            for old in complete[:-keep_last]:
+            for old in _complete_tags(ckpt_dir)[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final

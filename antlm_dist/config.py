@@ -219,14 +219,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass
         raise ConfigError(f"{where}: {value!r} is not a {' or '.join(_type_name(a) for a in args)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -335,9 +334,7 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
             raise ConfigError(f"--config {path}: the top level must be a mapping of sections")
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
-    recipe = _build(Recipe, tree, "")
-    validate_recipe(recipe)
-    return recipe
+    return recipe_from_dict(tree)
 
 
 def recipe_from_dict(tree: dict) -> Recipe:

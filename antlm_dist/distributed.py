@@ -7,7 +7,6 @@ error naming both files.
 """
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import math
@@ -175,7 +174,6 @@ def build_ds_config(recipe: Recipe, world_size: int, device: torch.device, recip
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from exc
-    cfg = copy.deepcopy(cfg)
     t = recipe.train
     precision = resolve_precision(recipe, device)
     wanted = {

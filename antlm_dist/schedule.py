@@ -31,11 +31,6 @@ class Phase:
     objective: str
     epochs: int
 
-    @property
-    def causal(self) -> bool:
-        """The attention mask of the phase: causal for CLM, bidirectional for MLM."""
-        return self.objective == "CLM"
-
 
 @dataclass(frozen=True)
 class PhaseAt:
@@ -50,6 +45,7 @@ class PhaseAt:
 
     @property
     def causal(self) -> bool:
+        """The attention mask of the phase: causal for CLM, bidirectional for MLM."""
         return self.objective == "CLM"
 
 
