@@ -61,6 +61,13 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-4000:]}\nSTDERR\n{proc.stderr[-6000:]}"
 
 
+def train_losses(run_dir: Path) -> dict[int, tuple[str, float]]:
+    """{step: (phase, loss)} of a run's ``metrics.jsonl`` training records (the last per step)."""
+    from antlm_dist.metrics import read_metrics
+
+    return {r["step"]: (r["phase"], r["loss"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl", "train")}
+
+
 # ----------------------------------------------------------------------------- Triton without a GPU
 
 _SM90_COMPILE_SCRIPT = r"""

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from antlm_dist.faults import comm_failure_message, format_rank_table, is_comm_failure, lost_ranks
-from antlm_dist.metrics import read_metrics
-from antlm_testutil import REPO, assert_ok
+from antlm_testutil import REPO, assert_ok, train_losses
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -29,10 +28,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _losses(out: Path) -> dict[int, tuple[str, float]]:
-    return {r["step"]: (r["phase"], r["loss"]) for r in read_metrics(out / "metrics.jsonl", "train")}
 
 
 def test_hostfile_helper_writes_slots_per_host(tmp_path):
@@ -60,7 +55,7 @@ def test_deepspeed_hostfile_two_local_slots_trains(tmp_path, tiny_args):
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert_ok(proc)
     assert "--local_rank=0" in proc.stdout + proc.stderr  # how the launcher starts each rank
-    got = _losses(out)
+    got = train_losses(out)
     assert [got[s][0] for s in sorted(got)] == ["CLM"] * 4 + ["MLM"] * 4
     assert (out / "summary.json").is_file()
 
@@ -90,7 +85,7 @@ def test_resume_at_another_world_size_continues_the_loss_curve(tmp_path, tiny_ar
     two = _local(out, args, 2, 8, "--resume")
     assert_ok(two)
     assert "written by 1 ranks, this run has 2" in two.stderr
-    ref, got = _losses(ref_dir), _losses(out)
+    ref, got = train_losses(ref_dir), train_losses(out)
     assert sorted(got) == list(range(1, 9))
     for step in range(1, 9):
         assert got[step][0] == ref[step][0], step

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from antlm_dist.metrics import read_metrics
-from antlm_testutil import REPO, tiny_args_for
+from antlm_testutil import REPO, tiny_args_for, train_losses
 
 SBATCH_SCRIPT = REPO / "launch" / "slurm" / "antlm.sbatch"
 VENV_BIN = Path(sys.executable).parent
@@ -128,13 +128,6 @@ def node_logs(run_dir: Path) -> dict[str, str]:
     return {p.name: p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob("*.node*.log"))}
 
 
-def losses(run_dir: Path) -> dict[int, tuple[str, float]]:
-    out = {}
-    for rec in read_metrics(run_dir / "metrics.jsonl", "train"):
-        out[rec["step"]] = (rec["phase"], rec["loss"])
-    return out
-
-
 def describe(run_dir: Path, job: dict | None = None) -> str:
     text = [f"job: {job}"] if job else []
     for name, log in node_logs(run_dir).items():
@@ -168,7 +161,7 @@ def uninterrupted(runs, tiny) -> Path:
 
 def test_two_node_job_trains_across_phase_switches(uninterrupted):
     run_dir = uninterrupted
-    got = losses(run_dir)
+    got = train_losses(run_dir)
     assert sorted(got) == list(range(1, 13))
     assert [got[s][0] for s in range(1, 13)] == ["CLM"] * 4 + ["MLM"] * 4 + ["CLM"] * 4
     run = json.loads((run_dir / "run.json").read_text())
@@ -202,11 +195,11 @@ def test_signalled_job_checkpoints_requeues_and_resumes_exactly(uninterrupted, r
     first = "\n".join(v for k, v in logs.items() if f"job{job}.0." in k)
     second = "\n".join(v for k, v in logs.items() if f"job{job}.1." in k)
     assert "received SIGTERM" in first and "[rank1] WARNING received SIGTERM" in first
-    phase = losses(uninterrupted)[stop_step + 1][0]
+    phase = train_losses(uninterrupted)[stop_step + 1][0]
     assert f"resumed from step{stop_step:08d} at step {stop_step} (epoch {stop_step // 4}, phase {phase})" in second
     assert "requeueing" in (run_dir / "logs" / f"job{job}.log").read_text()
     assert not (run_dir / "PREEMPTED").exists()
-    ref, got = losses(uninterrupted), losses(run_dir)
+    ref, got = train_losses(uninterrupted), train_losses(run_dir)
     assert sorted(got) == list(range(1, 13))
     for step in range(1, 13):
         assert got[step][0] == ref[step][0], step

@@ -4,14 +4,7 @@ import json
 import pytest
 
 from antlm_dist.metrics import read_metrics
-from antlm_testutil import assert_ok, run_cli, tiny_args_for
-
-
-def _losses(out):
-    last = {}
-    for rec in read_metrics(out / "metrics.jsonl", "train"):
-        last[rec["step"]] = (rec["phase"], rec["loss"])
-    return last
+from antlm_testutil import assert_ok, run_cli, tiny_args_for, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +17,7 @@ def full_run(tmp_path_factory, tiny_tokenizer, data_cache):
 
 
 def test_full_run_trains_both_phases_and_evals_fall(full_run):
-    losses = _losses(full_run)
+    losses = train_losses(full_run)
     assert sorted(losses) == list(range(1, 13))
     phases = [losses[s][0] for s in range(1, 13)]
     assert phases == ["CLM"] * 4 + ["MLM"] * 4 + ["CLM"] * 4
@@ -55,7 +48,7 @@ def test_interrupted_mid_phase_resume_equals_uninterrupted(full_run, tmp_path, t
     resumed = run_cli(base + ["--resume"])
     assert_ok(resumed)
     assert "resumed from step00000006 at step 6" in resumed.stderr + resumed.stdout
-    ref, got = _losses(full_run), _losses(out)
+    ref, got = train_losses(full_run), train_losses(out)
     assert sorted(got) == list(range(1, 13))
     for step in range(1, 13):
         assert got[step][0] == ref[step][0]
@@ -70,7 +63,7 @@ def test_zero3_losses_equal_zero2(full_run, tmp_path, tiny_tokenizer, data_cache
                     "distributed.deepspeed_config=zero3.json"])
     assert_ok(proc)
     assert json.loads((out / "summary.json").read_text())["zero_stage"] == 3
-    ref, got = _losses(full_run), _losses(out)
+    ref, got = train_losses(full_run), train_losses(out)
     assert sorted(got) == sorted(ref)
     for step in ref:
         assert got[step][0] == ref[step][0]

@@ -54,7 +54,6 @@ say "mode $MODE, $NODES nodes, state in $DIR"
 
 mkdir -p "$DIR"/{state,spool,run,log,munge}
 : > "$DIR/pids"
-echo "$MODE" > "$DIR/mode"
 
 # ---- munge: our own key and socket, so a system munged (if any) is left alone
 chown munge:munge "$DIR/munge"

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
 
@@ -19,7 +18,7 @@ import torch
 
 import antlm_dist.kernels as kernels_pkg
 from antlm_dist.kernels import flash_attention as _fa_entry  # noqa: F401  (the public import path)
-from antlm_testutil import assert_compile_for_sm90
+from antlm_testutil import REPO, assert_compile_for_sm90
 
 fa = importlib.import_module("antlm_dist.kernels.flash_attention")
 if fa.HAS_TRITON and not fa.BUILT_FOR_INTERPRETER and fa._interpreting() and not torch.cuda.is_available():
@@ -30,7 +29,6 @@ if fa.HAS_TRITON and not fa.BUILT_FOR_INTERPRETER and fa._interpreting() and not
 
 from antlm_dist.kernels import flash_attention, flash_attention_ref  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 ON_CUDA = torch.cuda.is_available() and not fa.BUILT_FOR_INTERPRETER
 DEVICE = "cuda" if ON_CUDA else "cpu"
 TRITON_RUNS = fa.HAS_TRITON and (ON_CUDA or fa.BUILT_FOR_INTERPRETER)
