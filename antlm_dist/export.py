@@ -275,10 +275,14 @@ def read_antlm_meta(folder: Path | str) -> dict:
     Raises:
         ExportError: ``config.json`` is missing.
     """
+    return _read_hf_config(folder).get(ANTLM_CONFIG_KEY) or {}
+
+
+def _read_hf_config(folder: Path | str) -> dict:
     f = Path(folder) / "config.json"
     if not f.is_file():
         raise ExportError(f"{folder}: no config.json; give a folder written by antlm-export")
-    return json.loads(f.read_text()).get(ANTLM_CONFIG_KEY) or {}
+    return json.loads(f.read_text())
 
 
 def _model_config_from_hf(cfg: dict) -> ModelConfig:
@@ -319,8 +323,8 @@ def load_pretrained(folder: Path | str, device: str | torch.device = "cpu"):
     from antlm_dist.model import build_model
 
     folder = Path(folder)
-    meta = read_antlm_meta(folder)
-    hf_cfg = json.loads((folder / "config.json").read_text())
+    hf_cfg = _read_hf_config(folder)
+    meta = hf_cfg.get(ANTLM_CONFIG_KEY) or {}
     if "recipe" in meta:
         model_cfg = recipe_from_dict(meta["recipe"]).model
     elif hf_cfg.get("model_type") == "llama":
