@@ -110,6 +110,16 @@ class LlamaBackbone(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope(self, seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, D) rotary cos and sin, cached per (T, device, dtype): constants of the config."""
+        key = (seq_len, str(device), dtype)
+        if key not in self._rope_cache:
+            head_dim = self.config.hidden_size // self.config.num_attention_heads
+            with torch.inference_mode(False):  # normal tensors, usable by a later training forward
+                self._rope_cache[key] = rope_cos_sin(seq_len, head_dim, self.config.rope_theta, device, dtype)
+        return self._rope_cache[key]
 
     def forward(self, input_ids, attention_mask=None, *, causal: bool, segment_ids=None):
         """input_ids (B, T) int64; attention_mask (B, T) 1 = real token; returns (B, T, H)."""
@@ -119,8 +129,7 @@ class LlamaBackbone(nn.Module):
                 f"input length {seq_len} exceeds model.max_position_embeddings={self.config.max_position_embeddings}"
             )
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(seq_len, x.shape[-1] // self.config.num_attention_heads,
-                                self.config.rope_theta, x.device, x.dtype)
+        cos, sin = self.rope(seq_len, x.device, x.dtype)
         key_padding_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_padding_mask = attention_mask.bool()
