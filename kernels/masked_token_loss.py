@@ -474,6 +474,13 @@ def _check_inputs(hidden, weight, labels, ignore_index, reduction, z_loss, backe
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    vocab = weight.shape[0]
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        raise ValueError(
+            f"labels must be in [0, {vocab}) (the vocabulary size is weight.shape[0]) or equal "
+            f"ignore_index={ignore_index}; found {int(labels[bad][0])}"
+        )
 
 
 def _use_triton(backend, device):
@@ -543,13 +550,6 @@ def masked_token_loss(
     flat_hidden = hidden.reshape(-1, dim)  # (N, H)
     flat_labels = labels.reshape(-1)  # (N,)
     is_target = flat_labels != ignore_index
-    bad = is_target & ((flat_labels < 0) | (flat_labels >= vocab))
-    if bool(bad.any()):
-        example = int(flat_labels[bad][0])
-        raise ValueError(
-            f"labels must be in [0, {vocab}) (the vocabulary size is weight.shape[0]) or equal "
-            f"ignore_index={ignore_index}; found {example}"
-        )
     n_targets = is_target.sum()  # 0-d int64
     target_idx = is_target.nonzero().squeeze(1)  # (M,)
     n_rows = target_idx.numel()
@@ -587,8 +587,6 @@ def masked_token_loss_ref(
     vocab, dim = weight.shape
     flat_labels = labels.reshape(-1).long()
     is_target = flat_labels != ignore_index
-    if bool((is_target & ((flat_labels < 0) | (flat_labels >= vocab))).any()):
-        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}")
     logits = (hidden.reshape(-1, dim) @ weight.t()).float()  # (N, V)
     loss = F.cross_entropy(logits, flat_labels, ignore_index=ignore_index, reduction="sum")
     if z_loss:
