@@ -1,4 +1,4 @@
-"""Console entry points: ``antlm-train``, ``antlm-export``, ``antlm-eval``, ``antlm-bench``."""
+"""Console entry points: ``antlm-train``, ``antlm-export``, ``antlm-eval``, ``antlm-bench``, ``antlm-study``."""
 from __future__ import annotations
 
 import os
@@ -47,6 +47,12 @@ def export_main(argv: list[str] | None = None) -> int:
 
 def eval_main(argv: list[str] | None = None) -> int:
     from antlm_dist.eval.cli import main
+
+    return main(argv)
+
+
+def study_main(argv: list[str] | None = None) -> int:
+    from antlm_dist.study.cli import main
 
     return main(argv)
 

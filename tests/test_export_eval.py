@@ -235,6 +235,18 @@ def test_pll_and_clm_equal_float64_loops(exported):
     assert pll_scores(model, tok, [""])[0] == 0.0 == clm_scores(model, tok, [""])[0]
 
 
+def test_masked_row_pll_equals_full_logit_pll_in_float64(exported):
+    """The head applied to the masked rows only gives the scores of the full (R, T, V) logits."""
+    model64 = load_pretrained(exported["zero2"])[0].double()
+    _, tok = load_pretrained(exported["zero2"])
+    fast = pll_scores(model64, tok, SENTENCES, batch_size=5)
+    full = pll_scores(model64, tok, SENTENCES, batch_size=5, masked_rows_only=False)
+    generic = pll_scores(ForwardOnly(model64), tok, SENTENCES, batch_size=5)
+    assert full == generic  # masked_rows_only=False is the plain forward path
+    assert max(abs(a - b) for a, b in zip(fast, full)) <= 1e-6
+    assert all(s < 0 for s in fast)
+
+
 def test_pll_equals_float64_loop_on_blimp(exported):
     sentences, _ = _blimp_sentences(2)
     model, tok = load_pretrained(exported["zero3"])

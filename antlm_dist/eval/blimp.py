@@ -160,18 +160,26 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="seq", disable=not enabled, dynamic_ncols=True, leave=False)
 
 
-def _logits_at(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+def _logits_at(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+               masked_rows_only: bool = True) -> torch.Tensor:
     """Bidirectional logits (R, V) at one position per row.
 
     A model that exposes its backbone as ``model.model(ids, mask, causal=False)`` → hidden
     (R, T, H) and its head as ``model.lm_head(hidden)`` → logits (ours does) gets the head
-    applied to the R selected rows only (the head is ~40% of a small model's FLOPs);
-    any other model goes through ``forward`` and the full (R, T, V) logits.
+    applied to the R selected rows only, when ``masked_rows_only`` (the default): the
+    head's (R·T, H) × (H, V) product shrinks T-fold to (R, H) × (H, V), and it is the
+    largest single matmul of a small model. Any other model, or ``masked_rows_only=False``,
+    goes through ``forward`` and the full (R, T, V) logits. Both give the same scores.
     """
     backbone, head = getattr(model, "model", None), getattr(model, "lm_head", None)
-    if callable(backbone) and callable(head):
+    if masked_rows_only and callable(backbone) and callable(head):
         return head(backbone(ids, mask, causal=False)[rows, pos])  # (R, H) -> (R, V)
     return model(ids, mask, causal=False)[rows, pos]  # (R, T, V) -> (R, V)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits are promoted to fp32 for the log-softmax; fp64 stays fp64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def encode(tokenizer, sentences: Sequence[str]) -> list[list[int]]:
@@ -210,7 +218,7 @@ def clm_scores(model, tokenizer, sentences: Sequence[str], *, batch_size: int = 
             chunk = order[start : start + batch_size]
             ids, mask = _pad([seqs[i] for i in chunk], tokenizer.pad_token_id, device)  # (B, T)
             logits = model(ids, mask, causal=True)  # (B, T, V)
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V): predicts ids[:, 1:]
+            logp = torch.log_softmax(_at_least_fp32(logits[:, :-1]), dim=-1)  # (B, T-1, V): predicts ids[:, 1:]
             token_lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]  # (B, T-1)
             for i, s in zip(chunk, token_lp.double().sum(1).tolist()):
                 scores[i] = s
@@ -220,7 +228,8 @@ def clm_scores(model, tokenizer, sentences: Sequence[str], *, batch_size: int = 
 
 @torch.no_grad()
 def pll_scores(model, tokenizer, sentences: Sequence[str], *, batch_size: int = 256, prefix_id: int | None = None,
-               sources: Sequence[str] | None = None, progress: bool = False) -> list[float]:
+               sources: Sequence[str] | None = None, progress: bool = False,
+               masked_rows_only: bool = True) -> list[float]:
     """Pseudo-log-likelihoods (Salazar et al. 2020), nats, one per sentence.
 
     PLL(w) = Σ_i log p(w_i | prefix w_<i <mask> w_>i </s>), bidirectional attention
@@ -233,6 +242,8 @@ def pll_scores(model, tokenizer, sentences: Sequence[str], *, batch_size: int = 
         batch_size: masked copies per forward pass.
         prefix_id: context token before the sentence (default ``<s>``).
         sources: labels for error messages.
+        masked_rows_only: run the LM head on the masked row of each copy only (see
+            :func:`_logits_at`); ``False`` computes the full (R, T, V) logits, for comparison.
 
     Returns:
         S floats (≤ 0). An empty sentence scores 0.
@@ -255,7 +266,8 @@ def pll_scores(model, tokenizer, sentences: Sequence[str], *, batch_size: int = 
             pos = torch.as_tensor([j for _, j in chunk], device=device)  # (R,)
             targets = ids[r, pos].clone()  # (R,)
             ids[r, pos] = tokenizer.mask_token_id
-            logp = torch.log_softmax(_logits_at(model, ids, mask, r, pos).float(), dim=-1)  # (R, V)
+            logits = _logits_at(model, ids, mask, r, pos, masked_rows_only)  # (R, V)
+            logp = torch.log_softmax(_at_least_fp32(logits), dim=-1)
             for (i, _), lp in zip(chunk, logp.gather(-1, targets[:, None]).squeeze(-1).double().tolist()):
                 scores[i] += lp
             bar.update(len(chunk))
