@@ -58,7 +58,8 @@ class StudyPlan:
     runs: list[RunSpec] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.runs = [RunSpec(s, k) for s in self.schedules for k in self.seeds]
+        # seed-major: a study stopped part-way has every schedule at the first seeds
+        self.runs = [RunSpec(s, k) for k in self.seeds for s in self.schedules]
 
     def shared_settings(self) -> dict:
         """What must not change between a study and its rerun (schedules and seeds may)."""
