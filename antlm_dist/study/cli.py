@@ -139,6 +139,7 @@ def run_study(plan, out: Path, command: str) -> int:
             r = results[-1]
             blimp = ", ".join(f"BLiMP {m.upper()} {100 * v['overall']:.1f}" for m, v in r["blimp"].items())
             print(f"[study] {run.key}: done in {sum(r['wall_time_s'].values()):.0f} s; {blimp}", file=sys.stderr)
+            write_report(out, _study_record(plan, command, results))  # a long study shows its results so far
             outer.update(1)
     except StudyInterrupted as exc:
         print(f"antlm-study: {exc}", file=sys.stderr)
