@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from antlm_dist import __version__
-from antlm_dist.bench.flops import FlopModel, mfu, peak_flops_per_device
+from antlm_dist.telemetry.flops import FlopModel, mfu, peak_flops_per_device
 from antlm_dist.checkpoint import (CheckpointError, latest_tag, load_checkpoint, read_client_state, save_checkpoint,
                                    universal_tag)
 from antlm_dist.config import ConfigError, Recipe, dump_recipe, load_recipe

@@ -47,13 +47,11 @@ def _parse_args(argv=None):
 
 
 def _load_kernel_module():
-    """Import flash_attention as a package member or, run as a script, from this folder."""
-    if __package__:
-        from . import flash_attention as module
-    else:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import flash_attention as module
-    return module
+    """Import the installed kernel (after ``--cpu-smoke`` has set TRITON_INTERPRET); the kernel
+    modules import each other relatively, so they are loaded as members of their package."""
+    import importlib
+
+    return importlib.import_module("antlm_dist.kernels.flash_attention")
 
 
 def _rel_err(actual, expected) -> float:

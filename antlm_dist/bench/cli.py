@@ -102,12 +102,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     """Run the matrix and write the reports. Returns the ``bench.json`` content."""
     import torch
 
-    from antlm_dist.bench.flops import mfu, peak_flops_per_device
+    from antlm_dist.telemetry.flops import mfu, peak_flops_per_device
     from antlm_dist.bench.harness import PHASES, BenchPlan, Variant, run_group
     from antlm_dist.bench.report import write_json, write_markdown, write_plot
     from antlm_dist.config import ConfigError, load_recipe
     from antlm_dist.distributed import init_distributed, resolve_precision
-    from antlm_dist.model.attention import resolve_attention_impl
+    from antlm_dist.kernels.backend import BackendError, resolve_attention, resolve_loss
     from antlm_dist.telemetry import Telemetry
 
     if args.out is None:
@@ -134,16 +134,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     bad = [p for p in phases if p not in PHASES]
     if bad or not phases:
         raise ConfigError(f"--phases {args.phases!r}: use a comma list of clm, mlm")
-    attentions = [resolve_attention_impl(a, device) for a in _csv(args.attention)]
-    losses = _csv(args.loss)
-    if "auto" in losses:
-        from antlm_dist.model.heads import resolve_loss_impl
-
-        auto_loss = resolve_loss_impl("auto", device)  # the trainer's choice: triton on CUDA, torch elsewhere
-        losses = [auto_loss if x == "auto" else x for x in losses]
-    bad = [x for x in losses if x not in ("torch", "triton")]
-    if bad or not losses:
+    if not _csv(args.loss):
         raise ConfigError(f"--loss {args.loss!r}: use a comma list of torch, triton (or auto)")
+    try:  # the trainer's resolver: auto is triton on CUDA, sdpa / torch elsewhere
+        head_dim = recipes[0][1].model.hidden_size // recipes[0][1].model.num_attention_heads
+        attentions = [resolve_attention(a, device, head_dim=head_dim) for a in _csv(args.attention)]
+        losses = [resolve_loss(x, device) for x in _csv(args.loss)]
+    except BackendError as exc:
+        raise ConfigError(f"--attention/--loss: {exc}") from exc
     zeros = _csv(args.zero, int)
     if any(z not in (0, 1, 2, 3) for z in zeros):
         raise ConfigError(f"--zero {args.zero!r}: ZeRO stages are 0, 1, 2, 3")

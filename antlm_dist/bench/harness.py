@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from antlm_dist.bench.flops import FlopModel, mfu
+from antlm_dist.telemetry.flops import FlopModel, mfu
 from antlm_dist.config import Recipe
 from antlm_dist.data.tokenizer import SPECIAL_TOKENS
 from antlm_dist.telemetry.monitor import mean_or_none

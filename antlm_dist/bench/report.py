@@ -3,7 +3,7 @@
 A record (one runner × phase × micro-batch of one recipe) holds, with units in the names:
 ``tokens_per_s_per_device``; ``step_time_s`` (median, p10, p90, mean, all); ``mfu``
 (fraction; Chowdhery et al. 2022) from ``model_flops_per_step`` (see
-:mod:`antlm_dist.bench.flops`); ``mem_peak_gib`` and what it measures (``mem_kind``);
+:mod:`antlm_dist.telemetry.flops`); ``mem_peak_gib`` and what it measures (``mem_kind``);
 ``cpu_time_s`` (this process's CPU seconds per step) and ``cpu_util_pct``; on GPU
 ``power_w``, ``energy_j_per_step`` and ``sm_util_pct``; ``speedup_vs_baseline`` (baseline
 median step time ÷ this one's) and ``speedup_vs_baseline_cpu_time`` (the same with CPU

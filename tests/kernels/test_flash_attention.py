@@ -50,7 +50,7 @@ MODES = {
 
 @pytest.fixture(autouse=True)
 def _nan_filled_buffers(monkeypatch):
-    monkeypatch.setenv(fa.NAN_FILL_ENV, "1")
+    monkeypatch.setattr(fa, "NAN_FILL_BUFFERS", True)
 
 
 def _generator(*case) -> torch.Generator:
