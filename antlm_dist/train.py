@@ -1,8 +1,8 @@
 """``python -m antlm_dist.train``: one rank of an AntLM pretraining run.
 
 :func:`preflight` runs every check that needs no compute, once per launch (the
-``antlm-train`` launcher runs it before it starts any rank; a rank started by another
-launcher runs it itself). :func:`run` then starts the process group and hands over to
+``antlm-train`` launcher runs it before it starts any rank; ranks started by another
+launcher run its cheap checks each, and global rank 0 alone reads the corpus files). :func:`run` then starts the process group and hands over to
 :class:`antlm_dist.trainer.Trainer`.
 """
 from __future__ import annotations
@@ -54,13 +54,14 @@ def _device_kind() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def preflight(args: argparse.Namespace, world_size: int):
+def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = True):
     """Every check that needs no compute, run before any rank trains.
 
     Validates the recipe, the kernel backends and head dims for this machine, that no
     abandoned torch-extension build lock would hang the start, the output folder, the
-    corpus (exists, non-empty, UTF-8), the DeepSpeed JSON against the recipe's batch sizes
-    for ``world_size``, and a given ``tokenizer.path`` against ``model.vocab_size``.
+    corpus (exists; with ``read_corpus`` also non-empty and UTF-8, which reads every file),
+    the DeepSpeed JSON against the recipe's batch sizes for ``world_size``, and a given
+    ``tokenizer.path`` against ``model.vocab_size``.
 
     Returns:
         (recipe, corpus files).
@@ -74,7 +75,7 @@ def preflight(args: argparse.Namespace, world_size: int):
     check_model_backends(recipe.model, device)
     check_build_locks()
     RunFolder(args.output_dir).check(args.resume, args.overwrite)
-    corpus = find_corpus(recipe.data.corpus)
+    corpus = find_corpus(recipe.data.corpus, validate=read_corpus)
     build_ds_config(recipe, world_size, device, recipe_source=str(args.config))
     if recipe.tokenizer.path:
         check_vocab_matches(load_tokenizer(recipe.tokenizer.path, recipe.tokenizer.kind), recipe.model.vocab_size,
@@ -82,12 +83,14 @@ def preflight(args: argparse.Namespace, world_size: int):
     return recipe, corpus
 
 
-def _recipe_and_corpus(args: argparse.Namespace, world_size: int):
-    """The launcher's preflight result when it ran one, else :func:`preflight` here."""
+def _recipe_and_corpus(args: argparse.Namespace, rank: int, world_size: int):
+    """The launcher's preflight result when it ran one. Else :func:`preflight` here, reading
+    the corpus files on global rank 0 only (a bad file stops rank 0, and the launcher then
+    stops the others)."""
     if os.environ.get(PREFLIGHT_DONE_ENV) == "1":
         recipe = load_recipe(args.config, args.overrides)
         return recipe, find_corpus(recipe.data.corpus, validate=False)
-    return preflight(args, world_size)
+    return preflight(args, world_size, read_corpus=rank == 0)
 
 
 def setup_logging(rank: int) -> None:
@@ -102,7 +105,7 @@ def setup_logging(rank: int) -> None:
 def run(args: argparse.Namespace) -> int:
     """One rank of a training run. Returns the process exit status."""
     env_rank, local_rank, env_world = dist_env()
-    recipe, corpus = _recipe_and_corpus(args, env_world)
+    recipe, corpus = _recipe_and_corpus(args, env_rank, env_world)
     device = pick_device(local_rank)
     setup_logging(env_rank)
     init_distributed(recipe, device)

@@ -1,5 +1,6 @@
 """The package's imports point one way: no cycle between modules, nothing imports
-``antlm_dist.bench``, and no library module imports a command-line module.
+``antlm_dist.bench``, and no library module imports a command-line module. Also: no
+function of ``antlm_dist/`` is much longer than one screen.
 
 Imports are read with ``ast`` from the source files (module level and inside functions
 alike), without importing anything. ``kernels/`` is installed as ``antlm_dist.kernels``,
@@ -134,3 +135,18 @@ def test_nothing_imports_bench_and_no_library_module_imports_a_cli_module():
     assert {m: d for m, d in into_cli.items() if d} == {}
     assert not graph["antlm_dist.train"] & (CLI_MODULES - {"antlm_dist.train"})
     assert not any(d.startswith("antlm_dist") for d in graph["antlm_dist.kernels.backend"])
+
+
+MAX_FUNCTION_LINES = 72
+"""About one screen: 60 lines of code, plus a docstring that gives shapes and errors."""
+
+
+def test_no_function_in_antlm_dist_is_much_over_60_lines():
+    long = {}
+    for f in (REPO / "antlm_dist").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long[f"{f.relative_to(REPO)}:{node.name}"] = n
+    assert long == {}
