@@ -13,13 +13,19 @@ Layout under ``<output_dir>/checkpoints``::
 Every rank writes into ``<tag>.tmp``; after a barrier rank 0 renames it to ``<tag>``,
 writes ``COMPLETE`` and then replaces ``latest`` atomically (write + ``os.replace``). A
 crash at any point leaves the previous ``latest`` checkpoint untouched.
+
+This module is the only one that knows the layout: the trainer, ``antlm-export`` and
+``launch/slurm/antlm.sbatch`` (through ``python -m antlm_dist.checkpoint latest RUN``)
+all go through it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -31,6 +37,49 @@ TAG_PREFIX = "step"
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint, or one that belongs to a different run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientState:
+    """What the trainer stores beside DeepSpeed's files (``client_state.json``).
+
+    step: optimizer steps done. sampler: :meth:`DistributedResumableSampler.state_dict`
+    (epoch, position in samples, global batch). schedule: ``objective.schedule`` as
+    formatted by :func:`antlm_dist.schedule.format_schedule`. tokenizer_hash: sha256 hex of
+    the run's ``tokenizer.json``. world_size: ranks that wrote it. recipe: the resolved
+    recipe as a dict.
+    """
+
+    step: int
+    sampler: dict
+    schedule: str
+    tokenizer_hash: str
+    world_size: int
+    recipe: dict
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str) -> "ClientState":
+        """Raises CheckpointError naming ``where`` and the missing keys."""
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        if missing:
+            raise CheckpointError(f"{where} lacks {', '.join(missing)}; it was not written by this antlm-train")
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    """One complete checkpoint: ``ckpt_dir / tag``, inside the run folder ``run_dir``."""
+
+    ckpt_dir: Path
+    tag: str
+    run_dir: Path
+
+    @property
+    def path(self) -> Path:
+        return self.ckpt_dir / self.tag
 
 
 def tag_for_step(step: int) -> str:
@@ -63,12 +112,44 @@ def _complete_tags(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if (p / "COMPLETE").is_file())
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int = 0) -> Path:
+def resolve_checkpoint(path: Path | str) -> CheckpointRef:
+    """Resolve a run folder, its ``checkpoints/`` folder or one tag folder.
+
+    Args:
+        path: ``<run>``, ``<run>/checkpoints`` (→ the latest complete tag) or
+            ``<run>/checkpoints/stepNNNNNNNN``.
+
+    Raises:
+        CheckpointError: the path does not exist, is an incomplete tag, or holds no
+            complete checkpoint.
+    """
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise CheckpointError(f"--checkpoint {p}: no such folder; give a run folder, its checkpoints/ or a step folder")
+    if (p / "checkpoints").is_dir():
+        p = p / "checkpoints"
+    if p.name.startswith(TAG_PREFIX) and (p / "client_state.json").is_file():
+        if not (p / "COMPLETE").is_file():
+            raise CheckpointError(f"--checkpoint {p} is incomplete (no COMPLETE marker); the save was interrupted")
+        return CheckpointRef(p.parent, p.name, p.parent.parent)
+    tag = latest_tag(p)
+    if tag is None:
+        raise CheckpointError(
+            f"--checkpoint {p}: no complete checkpoint (stepNNNNNNNN/ with COMPLETE) there; "
+            "give a run folder, its checkpoints/ or a step folder"
+        )
+    return CheckpointRef(p, tag, p.parent)
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: ClientState | dict,
+                    keep_last: int = 0) -> Path:
     """Collective: every rank must call it. Returns the final tag folder.
 
-    ``client_state`` must be JSON-serialisable; it is stored beside the DeepSpeed files
-    and also passed to DeepSpeed's own ``client_state``.
+    ``client_state`` (a :class:`ClientState`, or any JSON-serialisable dict) is stored
+    beside the DeepSpeed files and also passed to DeepSpeed's own ``client_state``.
     """
+    if isinstance(client_state, ClientState):
+        client_state = client_state.to_dict()
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for_step(step)
     final = ckpt_dir / tag
@@ -100,17 +181,54 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict, keep_
     return final
 
 
-def read_client_state(ckpt_dir: Path, tag: str | None = None) -> tuple[str, dict]:
-    """(tag, client_state) of ``tag`` or the latest complete checkpoint.
+def read_client_state(ckpt_dir: Path, tag: str | None = None) -> tuple[str, ClientState]:
+    """(tag, client state) of ``tag`` or the latest complete checkpoint.
 
     Raises:
-        CheckpointError: none complete.
+        CheckpointError: none complete, no ``client_state.json``, or one missing fields.
     """
     ckpt_dir = Path(ckpt_dir)
     tag = tag or latest_tag(ckpt_dir)
     if tag is None:
         raise CheckpointError(f"no complete checkpoint under {ckpt_dir}")
-    return tag, json.loads((ckpt_dir / tag / "client_state.json").read_text())
+    f = ckpt_dir / tag / "client_state.json"
+    if not f.is_file():
+        raise CheckpointError(f"{f} is missing; this is not a checkpoint written by antlm-train")
+    return tag, ClientState.from_dict(json.loads(f.read_text()), str(f))
+
+
+def check_resume(state: ClientState, tag: str, *, global_batch: int, micro_batch_size: int,
+                 gradient_accumulation_steps: int, world_size: int, schedule: str, tok_hash: str) -> bool:
+    """The one compatibility check of a checkpoint against the run that resumes it.
+
+    The global batch, the schedule and the tokenizer must match; the world size may differ.
+
+    Returns:
+        True when the world size differs, so the engine must load the universal form
+        (``"checkpoint": {"load_universal": true}``, see :func:`universal_tag`).
+
+    Raises:
+        CheckpointError: naming the differing setting, both values and the fix.
+    """
+    saved_batch = state.sampler["global_batch"]
+    if saved_batch != global_batch:
+        per_step = micro_batch_size * world_size
+        hint = (f"set train.gradient_accumulation_steps={saved_batch // per_step}" if saved_batch % per_step == 0
+                else "choose train.micro_batch_size and train.gradient_accumulation_steps to match")
+        raise CheckpointError(
+            f"checkpoint {tag} was trained with a global batch of {saved_batch} sequences (world size "
+            f"{state.world_size}) but this run has {global_batch} (train.micro_batch_size "
+            f"{micro_batch_size} × train.gradient_accumulation_steps {gradient_accumulation_steps} × world "
+            f"size {world_size}); the global batch must stay constant across resumes: {hint}"
+        )
+    if state.schedule != schedule:
+        raise CheckpointError(
+            f"checkpoint {tag} was trained with schedule {state.schedule!r} but the recipe says "
+            f"{schedule!r}; resume with the same objective.schedule"
+        )
+    if state.tokenizer_hash != tok_hash:
+        raise CheckpointError(f"checkpoint {tag} used another tokenizer (hash {state.tokenizer_hash[:12]}…)")
+    return state.world_size != world_size
 
 
 UNIVERSAL_SUBDIR = "universal"
@@ -173,3 +291,32 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: str, *, load_optimizer_states: 
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m antlm_dist.checkpoint latest PATH``: print the latest complete checkpoint
+    folder of a run (or of its ``checkpoints/``) and exit 0, or exit 1 when there is none.
+
+    Launch scripts use it instead of reading the layout themselves.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m antlm_dist.checkpoint",
+                                description="Query the checkpoint layout of an antlm-train run folder.")
+    sub = p.add_subparsers(dest="command", required=True)
+    latest = sub.add_parser("latest", help="print the newest complete checkpoint; exit 1 when there is none")
+    latest.add_argument("path", help="a run folder or its checkpoints/ folder")
+    args = p.parse_args(argv)
+    try:
+        ref = resolve_checkpoint(args.path)
+    except CheckpointError as exc:
+        print(f"no checkpoint: {exc}", file=sys.stderr)
+        return 1
+    print(ref.path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

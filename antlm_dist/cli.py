@@ -15,7 +15,7 @@ def train_main(argv: list[str] | None = None) -> int:
     """``antlm-train``. Under a launcher it is one rank; started alone it starts
     ``distributed.nproc_per_node`` local ranks (2 by default) with ``torchrun --standalone``.
     The recipe is validated here first, so a bad recipe fails before any rank starts."""
-    from antlm_dist.train import build_arg_parser, main, preflight
+    from antlm_dist.train import PREFLIGHT_DONE_ENV, build_arg_parser, main, preflight
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if _under_launcher():
@@ -34,7 +34,7 @@ def train_main(argv: list[str] | None = None) -> int:
         return main(argv)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "antlm_dist.train", *argv]
-    env = dict(os.environ)
+    env = dict(os.environ, **{PREFLIGHT_DONE_ENV: "1"})  # the ranks skip the checks done here (corpus read once)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.call(cmd, env=env)
 

@@ -186,6 +186,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Fault injection and slow-downs for tests of the launchers; read once at start-up.
+    Leave them at their defaults for real runs."""
+
+    step_delay_s: float = 0.0
+    """Sleep this many seconds after every optimizer step, so that a launcher test can signal
+    or kill a rank mid-phase (a tiny test recipe otherwise trains a dozen steps in a second)."""
+    fault_phase_rank: int | None = None
+    """This global rank believes it trains the next phase, to test the phase-desync check."""
+
+
+@dataclass
 class Recipe:
     """A complete training recipe."""
 
@@ -199,6 +211,7 @@ class Recipe:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -420,6 +433,11 @@ def validate_recipe(r: Recipe) -> None:
         raise ConfigError(f"objective.mlm_probability={r.objective.mlm_probability} must be in (0, 1), e.g. 0.15")
     _choice(r.objective.mlm_target, ("same_position", "next_position"), "objective.mlm_target")
     _choice(r.objective.masking, ("token", "span"), "objective.masking")
+    _validate_run_settings(r)
+
+
+def _validate_run_settings(r: Recipe) -> None:
+    """``train``, ``distributed``, ``eval``, ``checkpoint`` and ``debug``: ranges and choices."""
     t = r.train
     _positive(t.micro_batch_size, "train.micro_batch_size")
     _positive(t.gradient_accumulation_steps, "train.gradient_accumulation_steps")
@@ -438,6 +456,8 @@ def validate_recipe(r: Recipe) -> None:
     _positive(r.eval.every_steps, "eval.every_steps", allow_zero=True)
     _positive(r.checkpoint.every_steps, "checkpoint.every_steps", allow_zero=True)
     _positive(r.checkpoint.keep_last, "checkpoint.keep_last", allow_zero=True)
+    _positive(r.debug.step_delay_s, "debug.step_delay_s", allow_zero=True)
+    _positive(r.debug.fault_phase_rank, "debug.fault_phase_rank", allow_zero=True)
 
 
 def dump_recipe(recipe: Recipe) -> str:

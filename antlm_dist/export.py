@@ -16,7 +16,7 @@ ZeRO partitioning (no ``*optim_states.pt`` with flat fp32 groups) are read from 
 module state in ``mp_rank_00_model_states.pt``.
 
 ``--untrained`` writes the same recipe and tokenizer with freshly initialised weights
-(the trainer's initialisation: ``torch.manual_seed(derive_seed(train.seed, 0))`` then
+(the trainer's initialisation: :func:`antlm_dist.seeding.seed_model_init` for rank 0, then
 ``build_model``), recorded as step 0: the baseline for zero-shot evaluations.
 
 Backbones: ``llama`` (``LlamaForCausalLM``) and ``ltg_bert``
@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from antlm_dist import __version__
-from antlm_dist.checkpoint import TAG_PREFIX, CheckpointError, latest_tag
+from antlm_dist import checkpoint as ckpt
+from antlm_dist.checkpoint import CheckpointError, ClientState
 from antlm_dist.config import ModelConfig, Recipe, recipe_from_dict
 
 ANTLM_CONFIG_KEY = "antlm"
@@ -49,11 +50,8 @@ class ExportError(ValueError):
 # ----------------------------------------------------------------------------- finding the checkpoint
 
 def resolve_checkpoint(path: Path | str) -> tuple[Path, str, Path]:
-    """Resolve a run folder, its ``checkpoints/`` folder or one tag folder.
-
-    Args:
-        path: ``<run>``, ``<run>/checkpoints`` (→ the latest complete tag) or
-            ``<run>/checkpoints/stepNNNNNNNN``.
+    """Resolve a run folder, its ``checkpoints/`` folder or one tag folder
+    (:func:`antlm_dist.checkpoint.resolve_checkpoint`).
 
     Returns:
         (checkpoints folder, tag, run folder). The run folder holds ``tokenizer/``.
@@ -61,39 +59,23 @@ def resolve_checkpoint(path: Path | str) -> tuple[Path, str, Path]:
     Raises:
         ExportError: the path does not exist, or holds no complete checkpoint.
     """
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise ExportError(f"--checkpoint {p}: no such folder; give a run folder, its checkpoints/ or a step folder")
-    if (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    if p.name.startswith(TAG_PREFIX) and (p / "client_state.json").is_file():
-        if not (p / "COMPLETE").is_file():
-            raise ExportError(f"--checkpoint {p} is incomplete (no COMPLETE marker); the save was interrupted")
-        ckpt_dir, tag = p.parent, p.name
-    else:
-        tag = latest_tag(p)
-        if tag is None:
-            raise ExportError(
-                f"--checkpoint {p}: no complete checkpoint (stepNNNNNNNN/ with COMPLETE) there; "
-                "give a run folder, its checkpoints/ or a step folder"
-            )
-        ckpt_dir = p
-    return ckpt_dir, tag, ckpt_dir.parent
+    try:
+        ref = ckpt.resolve_checkpoint(path)
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
+    return ref.ckpt_dir, ref.tag, ref.run_dir
 
 
-def read_checkpoint_state(ckpt_dir: Path, tag: str) -> dict:
-    """The trainer's client state (``client_state.json``) of one tag.
+def read_checkpoint_state(ckpt_dir: Path, tag: str) -> ClientState:
+    """The trainer's client state of one tag (:func:`antlm_dist.checkpoint.read_client_state`).
 
     Raises:
-        ExportError: missing, or without the ``recipe`` the export needs.
+        ExportError: missing, or without the fields the export needs.
     """
-    f = Path(ckpt_dir) / tag / "client_state.json"
-    if not f.is_file():
-        raise ExportError(f"{f} is missing; this is not a checkpoint written by antlm-train")
-    state = json.loads(f.read_text())
-    if "recipe" not in state:
-        raise ExportError(f"{f} holds no 'recipe'; re-save the checkpoint with this antlm-dist version")
-    return state
+    try:
+        return ckpt.read_client_state(ckpt_dir, tag)[1]
+    except CheckpointError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def consolidate_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -234,7 +216,7 @@ def export_checkpoint(checkpoint: Path | str, out: Path | str, *, overwrite: boo
         checkpoint: see :func:`resolve_checkpoint`.
         out: the HF folder to write.
         untrained: same recipe and tokenizer, weights from the trainer's initialisation
-            (seed ``derive_seed(train.seed, 0)``), recorded as step 0.
+            (:func:`antlm_dist.seeding.seed_model_init`, rank 0), recorded as step 0.
 
     Returns:
         ``out``.
@@ -243,23 +225,23 @@ def export_checkpoint(checkpoint: Path | str, out: Path | str, *, overwrite: boo
         ExportError: see :func:`resolve_checkpoint`, :func:`write_hf_folder`; also when
             the run's tokenizer differs from the one the checkpoint recorded.
     """
-    from antlm_dist.data.sampler import derive_seed
     from antlm_dist.data.tokenizer import tokenizer_hash
     from antlm_dist.model import build_model
+    from antlm_dist.seeding import seed_model_init
 
     ckpt_dir, tag, run_dir = resolve_checkpoint(checkpoint)
     state = read_checkpoint_state(ckpt_dir, tag)
-    recipe = recipe_from_dict(state["recipe"])
+    recipe = recipe_from_dict(state.recipe)
     tok_dir = run_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         raise ExportError(f"{tok_dir}/tokenizer.json is missing; the export needs the run's tokenizer folder")
-    recorded = state.get("tokenizer_hash")
+    recorded = state.tokenizer_hash
     if recorded and tokenizer_hash(tok_dir / "tokenizer.json") != recorded:
         raise ExportError(f"{tok_dir} is not the tokenizer checkpoint {tag} was trained with (hash differs)")
-    meta = {"schedule": state.get("schedule"), "step": int(state.get("step", 0)), "source_checkpoint": str(ckpt_dir / tag),
-            "world_size": state.get("world_size"), "untrained": untrained}
+    meta = {"schedule": state.schedule, "step": int(state.step), "source_checkpoint": str(ckpt_dir / tag),
+            "world_size": state.world_size, "untrained": untrained}
     if untrained:
-        torch.manual_seed(derive_seed(recipe.train.seed, 0))
+        seed_model_init(recipe.train.seed, rank=0)  # the trainer's rank-0 initialisation
         sd = {k: v.detach().float() for k, v in build_model(recipe.model).state_dict().items()}
         meta["step"] = 0
     else:

@@ -8,7 +8,6 @@ the global optimizer step, so every rank computes it without communication; rank
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -121,20 +120,12 @@ def phase_for_step(step: int, phases: list[Phase], steps_per_epoch: int) -> Phas
     raise AssertionError("unreachable")
 
 
-FAULT_ENV = "ANTLM_TEST_FAULT_PHASE_RANK"
-"""Test-only fault injection: ``"<rank>"`` makes that rank believe the other objective."""
-
-
-def local_phase_index(phase: PhaseAt, rank: int) -> int:
-    """The phase index this rank believes, after the test-only fault injection."""
-    target = os.environ.get(FAULT_ENV)
-    if target is not None and target.strip() != "" and int(target) == rank:
-        return phase.index + 1
-    return phase.index
-
-
-def check_phase_agreement(phase: PhaseAt, phases: list[Phase], step: int, group=None) -> None:
+def check_phase_agreement(phase: PhaseAt, phases: list[Phase], step: int, group=None, *,
+                          local_index: int | None = None) -> None:
     """All-rank check that every rank trains the same phase at ``step``.
+
+    ``local_index`` is the phase index this rank believes (default ``phase.index``); the
+    trainer's ``debug.fault_phase_rank`` passes a wrong one to test this check.
 
     One all-reduce of a 2-vector (``-index``, ``index``) with MAX gives min and max of the
     phase index over ranks. When they differ, every rank gathers the per-rank indices and
@@ -148,8 +139,7 @@ def check_phase_agreement(phase: PhaseAt, phases: list[Phase], step: int, group=
 
     if not (dist.is_available() and dist.is_initialized()):
         return
-    rank = dist.get_rank()
-    idx = local_phase_index(phase, rank)
+    idx = phase.index if local_index is None else local_index
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
     t = torch.tensor([-idx, idx], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)

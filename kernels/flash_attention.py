@@ -36,6 +36,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .backend import FLASH_ATTENTION_HEAD_DIMS, use_triton
+
 try:
     import triton
     import triton.language as tl
@@ -65,11 +67,12 @@ except ImportError:  # pragma: no cover - platforms without triton use the torch
     HAS_TRITON = False
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_HEAD_DIMS = FLASH_ATTENTION_HEAD_DIMS  # declared beside the backend resolver, which checks it at preflight
 BACKENDS = ("auto", "triton", "torch")
-NAN_FILL_ENV = "ANTLM_KERNEL_NAN_FILL"
-"""Set to 1 to fill every kernel output buffer with NaN before launch (tests use it,
-so an element a kernel forgets to write fails the comparison)."""
+NAN_FILL_BUFFERS = False
+"""Fill every kernel output buffer with NaN before launch. Tests set it (monkeypatch), so an
+element a kernel forgets to write fails the comparison; read per allocation, never from the
+environment."""
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -620,7 +623,7 @@ def _prepare_masks(key_padding_mask, segment_ids, device):
 
 
 def _new_buffer(shape, dtype, device) -> torch.Tensor:
-    if os.environ.get(NAN_FILL_ENV, "0") == "1":
+    if NAN_FILL_BUFFERS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
@@ -893,16 +896,9 @@ def flash_attention_ref(
 def _use_triton(q: torch.Tensor, backend: str) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"flash_attention: backend={backend!r} is not known; use one of {', '.join(BACKENDS)}")
-    if backend == "torch":
-        return False
     if backend == "triton":
         _require_triton(q.device)
-        return True
-    if not HAS_TRITON:
-        return False
-    if q.device.type == "cuda":
-        return True
-    return BUILT_FOR_INTERPRETER and _interpreting()
+    return use_triton(backend, q.device, "flash_attention", built_for_interpreter=BUILT_FOR_INTERPRETER)
 
 
 def flash_attention(
@@ -927,9 +923,10 @@ def flash_attention(
         key_padding_mask: (B, T) bool (or int, nonzero = real), True for a real token.
         segment_ids: (B, T) int document ids of packed sequences; a token attends only
             within its id. Combines with ``causal`` and ``key_padding_mask``.
-        backend: "auto" runs Triton on CUDA tensors, or on CPU tensors when
-            TRITON_INTERPRET=1 was set before this module was imported and still is;
-            else the torch reference. "triton" or "torch" force one.
+        backend: "auto" runs Triton where it can run (CUDA tensors, or CPU tensors when
+            TRITON_INTERPRET=1 was set before this module was imported), else the torch
+            reference; "triton" or "torch" force one. Models pass the backend resolved
+            once by :func:`antlm_dist.kernels.backend.resolve_backends`.
 
     Returns:
         (B, H, T, D) in q's dtype. Rows of padded query positions are exact zeros, a

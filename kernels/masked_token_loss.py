@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from . import backend as _backend
+
 try:
     import triton
     import triton.language as tl
@@ -61,6 +63,10 @@ except ImportError:  # Triton is optional: the torch path needs only torch.
 
 # Read once, as Triton does: the variable must be set before this module is imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+IGNORE_INDEX = -100
+"""Label value of a position without a loss. This module owns it: collators write it,
+the models, the evaluator and the kernels read it from here."""
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Default torch-path chunk: about 2**23 fp32 logits (32 MiB) per chunk. On CPU the three head
@@ -484,11 +490,8 @@ def _check_inputs(hidden, weight, labels, ignore_index, reduction, z_loss, backe
 
 
 def _use_triton(backend, device):
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    return _HAS_TRITON and (device.type == "cuda" or _INTERPRET)
+    """Run the Triton path for ``backend`` on ``device`` (see :func:`antlm_dist.kernels.backend.use_triton`)."""
+    return _backend.use_triton(backend, device, "masked_token_loss", built_for_interpreter=_INTERPRET)
 
 
 def masked_token_loss(
@@ -496,7 +499,7 @@ def masked_token_loss(
     weight,
     labels,
     *,
-    ignore_index=-100,
+    ignore_index=IGNORE_INDEX,
     reduction="sum",
     z_loss=0.0,
     return_accuracy=False,
@@ -523,8 +526,10 @@ def masked_token_loss(
             ``z_loss * logsumexp(logits)**2``, included in ``loss``.
         return_accuracy: also return the number of target rows whose argmax
             over V equals the label.
-        backend: "auto" (Triton for CUDA tensors or when TRITON_INTERPRET=1 and
-            Triton is installed, torch otherwise), "triton" or "torch".
+        backend: "auto" (Triton where it can run: CUDA tensors, or any tensors when
+            TRITON_INTERPRET=1 was set before import; torch otherwise), "triton" or
+            "torch". Models pass the backend resolved once by
+            :func:`antlm_dist.kernels.backend.resolve_backends`.
         chunk_size: rows per chunk of the torch path (default: about 2**23
             logits per chunk, see :func:`default_chunk_rows`); the Triton path
             ignores it and tiles with its autotuned block sizes.
@@ -540,12 +545,12 @@ def masked_token_loss(
         ValueError: a shape, dtype, device or argument error (the message names
             the argument), or a label outside [0, V) that is not
             ``ignore_index``; raised before any compute.
-        RuntimeError: ``backend="triton"`` without Triton, or on CPU tensors
-            without TRITON_INTERPRET=1.
+        RuntimeError: ``backend="triton"`` where Triton cannot run (no triton, or CPU
+            tensors without TRITON_INTERPRET=1).
     """
     _check_inputs(hidden, weight, labels, ignore_index, reduction, z_loss, backend, chunk_size)
     vocab, dim = weight.shape
-    use_triton = _use_triton(backend, hidden.device)
+    run_triton = _use_triton(backend, hidden.device)
 
     flat_hidden = hidden.reshape(-1, dim)  # (N, H)
     flat_labels = labels.reshape(-1)  # (N,)
@@ -560,13 +565,13 @@ def masked_token_loss(
         targets = flat_labels.index_select(0, target_idx).long()
 
     w = weight
-    if use_triton and rows.dtype != w.dtype:  # the kernel's tl.dot needs one dtype
+    if run_triton and rows.dtype != w.dtype:  # the kernel's tl.dot needs one dtype
         common = torch.promote_types(rows.dtype, w.dtype)
         rows, w = rows.to(common), w.to(common)
 
     scale = 1.0 / max(n_rows, 1) if reduction == "mean" else 1.0
     loss, n_correct = MaskedTokenLossFunction.apply(
-        rows, w, targets, float(z_loss), scale, use_triton, chunk_size, bool(return_accuracy),
+        rows, w, targets, float(z_loss), scale, run_triton, chunk_size, bool(return_accuracy),
         torch.is_grad_enabled(),
     )
     if return_accuracy:
@@ -575,7 +580,7 @@ def masked_token_loss(
 
 
 def masked_token_loss_ref(
-    hidden, weight, labels, *, ignore_index=-100, reduction="sum", z_loss=0.0, return_accuracy=False
+    hidden, weight, labels, *, ignore_index=IGNORE_INDEX, reduction="sum", z_loss=0.0, return_accuracy=False
 ):
     """Naive reference: full logits ``hidden @ weight.T`` (N, V), then ``F.cross_entropy``.
 

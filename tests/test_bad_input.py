@@ -116,3 +116,49 @@ def test_abandoned_build_lock_is_reported_not_waited_on(tmp_path, capsys, tiny_a
     assert "deepspeed_shm_comm" in err and not (tmp_path / "o").exists()
     lock.unlink()
     check_build_locks()
+
+
+# ----------------------------------------------------------------------------- kernel backends at preflight
+
+def _no_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a CUDA machine Triton can run; this checks a CPU-only machine")
+
+
+@pytest.mark.parametrize("field,fix", [("model.attention", "model.attention=sdpa"), ("model.loss", "model.loss=torch")])
+def test_triton_backend_where_triton_cannot_run_stops_at_preflight(tmp_path, capsys, tiny_args, monkeypatch,
+                                                                   field, fix):
+    _no_cuda()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # no interpreter: Triton cannot run on this CPU
+    err = _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, f"{field}=triton"],
+                 f"{field}=triton cannot run here", fix)
+    assert not (tmp_path / "o").exists()  # stopped before any rank wrote anything
+    assert "CUDA" in err
+
+
+def test_unsupported_head_dim_for_triton_attention_stops_at_preflight(tmp_path, capsys, tiny_args, monkeypatch):
+    from antlm_dist.kernels.backend import triton_available
+
+    if not triton_available():
+        pytest.skip("without triton the backend error comes first")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton could run (interpreter): only the head dim is wrong
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, "model.attention=triton",
+                    "model.hidden_size=48", "model.num_attention_heads=2"],
+           "model.attention=triton supports head dims 16, 32, 64, 128", "= 24", "model.attention=sdpa")
+
+
+def test_backend_resolver_choices_on_cpu(monkeypatch):
+    import torch
+
+    from antlm_dist.kernels.backend import BackendError, KernelBackends, resolve_backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu = torch.device("cpu")
+    assert resolve_backends("auto", "auto", cpu, head_dim=32) == KernelBackends("sdpa", "torch")
+    assert resolve_backends("eager", "torch", cpu, head_dim=24) == KernelBackends("eager", "torch")
+    with pytest.raises(BackendError, match="model.attention=triton is not available for model.arch=ltg_bert"):
+        resolve_backends("triton", "torch", cpu, head_dim=32, triton_attention=False, arch="ltg_bert")
+    with pytest.raises(BackendError, match="model.loss='cuda' is not known"):
+        resolve_backends("auto", "cuda", cpu, head_dim=32)

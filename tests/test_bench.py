@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from antlm_dist.bench.flops import FlopModel, mfu
+from antlm_dist.telemetry.flops import FlopModel, mfu
 from antlm_dist.config import ModelConfig
 from antlm_dist.model import build_model
 

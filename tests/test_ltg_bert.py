@@ -274,7 +274,7 @@ def wordpiece_tokenizer(tmp_path_factory):
 def test_wordpiece_roles_and_reproducible_training(wordpiece_tokenizer, tmp_path):
     from antlm_dist.data.corpus import find_corpus
     from antlm_dist.data.tokenizer import load_tokenizer, special_token_ids, train_tokenizer
-    from antlm_dist.train import make_collators
+    from antlm_dist.data.pipeline import make_collators
 
     tok = load_tokenizer(wordpiece_tokenizer)  # kind detected from the vocabulary
     assert tok.convert_ids_to_tokens(special_token_ids(tok)) == ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]

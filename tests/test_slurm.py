@@ -26,7 +26,7 @@ SBATCH_SCRIPT = REPO / "launch" / "slurm" / "antlm.sbatch"
 VENV_BIN = Path(sys.executable).parent
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY",
             "PREEMPTED"}
-STEP_DELAY_S = "0.5"  # ANTLM_TEST_STEP_DELAY_S: room to signal or kill a rank mid-phase
+STEP_DELAY = "debug.step_delay_s=0.5"  # room to signal or kill a rank mid-phase
 
 
 def _cluster_reason() -> str | None:
@@ -182,7 +182,7 @@ def test_two_node_job_trains_across_phase_switches(uninterrupted):
 
 def test_signalled_job_checkpoints_requeues_and_resumes_exactly(uninterrupted, runs, tiny):
     run_dir = runs / "preempt"
-    job = submit("preempt", runs, tiny, job_env(runs, ANTLM_TEST_STEP_DELAY_S=STEP_DELAY_S))
+    job = submit("preempt", runs, tiny + [STEP_DELAY], job_env(runs))
     wait_for_step(run_dir, 5, job)  # inside the MLM phase (steps 5-8)
     subprocess.run(["scancel", "--signal=TERM", job], check=True, timeout=20)
     fields = wait_job(job)
@@ -224,8 +224,7 @@ def _rank_pid(run_dir: Path, rank: int) -> int:
 
 def test_killed_rank_ends_job_nonzero_naming_the_lost_rank(runs, tiny):
     run_dir = runs / "deadrank"
-    job = submit("deadrank", runs, tiny + ["distributed.timeout_minutes=1"],
-                 job_env(runs, ANTLM_TEST_STEP_DELAY_S=STEP_DELAY_S))
+    job = submit("deadrank", runs, tiny + ["distributed.timeout_minutes=1", STEP_DELAY], job_env(runs))
     wait_for_step(run_dir, 2, job)
     os.kill(_rank_pid(run_dir, 1), signal.SIGKILL)
     killed_at = time.monotonic()
@@ -241,7 +240,7 @@ def test_killed_rank_ends_job_nonzero_naming_the_lost_rank(runs, tiny):
 
 def test_phase_desync_stops_every_rank_with_the_error(runs, tiny):
     run_dir = runs / "desync"
-    job = submit("desync", runs, tiny, job_env(runs, ANTLM_TEST_FAULT_PHASE_RANK="1"))
+    job = submit("desync", runs, tiny + ["debug.fault_phase_rank=1"], job_env(runs))
     deadline = time.monotonic() + 600
     while not any("phase desync" in t for t in node_logs(run_dir).values()):  # start-up takes a while
         assert time.monotonic() < deadline, describe(run_dir, job_fields(job))

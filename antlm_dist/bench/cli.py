@@ -102,83 +102,25 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     """Run the matrix and write the reports. Returns the ``bench.json`` content."""
     import torch
 
-    from antlm_dist.bench.flops import mfu, peak_flops_per_device
-    from antlm_dist.bench.harness import PHASES, BenchPlan, Variant, run_group
     from antlm_dist.bench.report import write_json, write_markdown, write_plot
-    from antlm_dist.config import ConfigError, load_recipe
-    from antlm_dist.distributed import init_distributed, resolve_precision
-    from antlm_dist.model.attention import resolve_attention_impl
-    from antlm_dist.telemetry import Telemetry
+    from antlm_dist.config import load_recipe
+    from antlm_dist.distributed import resolve_precision
+    from antlm_dist.telemetry.flops import mfu, peak_flops_per_device
 
-    if args.out is None:
-        raise ConfigError("--out DIR is required (where bench.json, bench.md and bench.png go)")
-    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-        raise ConfigError("antlm-bench runs as one process (world size 1); start it without a launcher")
-    if args.steps < 1 or args.warmup < 1:
-        raise ConfigError(f"--steps ({args.steps}) and --warmup ({args.warmup}) must be >= 1 "
-                          "(peak memory is read during the warm-up)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _check_args(args)
     load_start = _load_average()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    if (not torch.cuda.is_available() and torch.get_num_threads() > 1 and load_start is not None
-            and load_start > (os.cpu_count() or 1)):
-        log.warning("load average %.1f on %d CPU cores: with %d torch threads per op, steps wait for descheduled "
-                    "threads and time erratically; --threads 1 measures more steadily", load_start,
-                    os.cpu_count(), torch.get_num_threads())
     configs = args.config or ["demo-cpu"]
     recipes = [(c, load_recipe(c, args.overrides)) for c in configs]
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-    phases = [p.upper() for p in _csv(args.phases)]
-    bad = [p for p in phases if p not in PHASES]
-    if bad or not phases:
-        raise ConfigError(f"--phases {args.phases!r}: use a comma list of clm, mlm")
-    attentions = [resolve_attention_impl(a, device) for a in _csv(args.attention)]
-    losses = _csv(args.loss)
-    if "auto" in losses:
-        from antlm_dist.model.heads import resolve_loss_impl
-
-        auto_loss = resolve_loss_impl("auto", device)  # the trainer's choice: triton on CUDA, torch elsewhere
-        losses = [auto_loss if x == "auto" else x for x in losses]
-    bad = [x for x in losses if x not in ("torch", "triton")]
-    if bad or not losses:
-        raise ConfigError(f"--loss {args.loss!r}: use a comma list of torch, triton (or auto)")
-    zeros = _csv(args.zero, int)
-    if any(z not in (0, 1, 2, 3) for z in zeros):
-        raise ConfigError(f"--zero {args.zero!r}: ZeRO stages are 0, 1, 2, 3")
-    micro_batches = _csv(args.micro_batch, int) or None
-    if micro_batches and min(micro_batches) < 1:
-        raise ConfigError(f"--micro-batch {args.micro_batch!r}: sizes must be >= 1")
-
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    init_distributed(recipes[0][1], device)
-
+    matrix = _matrix(args, recipes[0][1], device)
+    _init_single_process(recipes[0][1], device)
     precision = resolve_precision(recipes[0][1], device)
     peak, peak_source = peak_flops_per_device(device, precision)
     log.info("peak for MFU: %.3f TFLOP/s (%s)", peak / 1e12, peak_source)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    telemetry = Telemetry(device if device.type == "cuda" else None, interval_s=0.02).start()
-    records = []
-    try:
-        for name, recipe in recipes:
-            from antlm_dist.distributed import build_ds_config, zero_stage
-
-            recipe_zero = zero_stage(build_ds_config(recipe, 1, device, recipe_source=name))
-            variants = [Variant(a, lo, z) for a in attentions for lo in losses for z in (zeros or [recipe_zero])]
-            plan = BenchPlan(phases=phases, variants=variants, micro_batches=micro_batches, steps=args.steps,
-                             warmup=args.warmup, data=args.data, baseline=args.baseline, profile=args.profile,
-                             profile_steps=max(1, args.profile_steps))
-            for mb in micro_batches or [recipe.train.micro_batch_size]:
-                records += run_group(Path(name).stem, recipe, mb, plan, device, precision, telemetry, peak,
-                                     out / "data")
-    finally:
-        telemetry.stop()
+    records = _run_matrix(args, recipes, matrix, device, precision, peak, out)
     peak_start = peak
     if "measured" in peak_source:
         # A busy moment at start-up lowers the measured peak (and would raise every MFU); other
@@ -196,8 +138,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "versions": _versions(),
         "peak_flops": {"flops_per_s": peak, "source": peak_source, "start_flops_per_s": peak_start},
         "precision": precision,
-        "plan": {"configs": configs, "phases": phases, "attention": attentions, "loss": losses,
-                 "zero": zeros or "recipe", "micro_batch": micro_batches or "recipe", "steps": args.steps,
+        "plan": {"configs": configs, **matrix, "zero": matrix["zero"] or "recipe",
+                 "micro_batch": matrix["micro_batch"] or "recipe", "steps": args.steps,
                  "warmup": args.warmup, "data": args.data, "baseline": args.baseline,
                  "profile_steps": args.profile_steps if args.profile else 0, "overrides": args.overrides},
         "records": records,
@@ -212,6 +154,96 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     write_markdown(out / "bench.md", result)
     write_plot(out / "bench.png", result)
     return result
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Raises ConfigError for a missing --out, a launcher, or too few steps; sets --threads."""
+    import torch
+
+    from antlm_dist.config import ConfigError
+
+    if args.out is None:
+        raise ConfigError("--out DIR is required (where bench.json, bench.md and bench.png go)")
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise ConfigError("antlm-bench runs as one process (world size 1); start it without a launcher")
+    if args.steps < 1 or args.warmup < 1:
+        raise ConfigError(f"--steps ({args.steps}) and --warmup ({args.warmup}) must be >= 1 "
+                          "(peak memory is read during the warm-up)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = _load_average()
+    if (not torch.cuda.is_available() and torch.get_num_threads() > 1 and load is not None
+            and load > (os.cpu_count() or 1)):
+        log.warning("load average %.1f on %d CPU cores: with %d torch threads per op, steps wait for descheduled "
+                    "threads and time erratically; --threads 1 measures more steadily", load,
+                    os.cpu_count(), torch.get_num_threads())
+
+
+def _matrix(args: argparse.Namespace, recipe, device) -> dict:
+    """The swept values: ``{"phases", "attention", "loss", "zero", "micro_batch"}``, backends
+    resolved for ``device`` as the trainer resolves them.
+
+    Raises:
+        ConfigError: naming the bad option.
+    """
+    from antlm_dist.bench.harness import PHASES
+    from antlm_dist.config import ConfigError
+    from antlm_dist.kernels.backend import BackendError, resolve_attention, resolve_loss
+
+    phases = [p.upper() for p in _csv(args.phases)]
+    if not phases or [p for p in phases if p not in PHASES]:
+        raise ConfigError(f"--phases {args.phases!r}: use a comma list of clm, mlm")
+    if not _csv(args.loss):
+        raise ConfigError(f"--loss {args.loss!r}: use a comma list of torch, triton (or auto)")
+    try:  # the trainer's resolver: auto is triton on CUDA, sdpa / torch elsewhere
+        head_dim = recipe.model.hidden_size // recipe.model.num_attention_heads
+        attentions = [resolve_attention(a, device, head_dim=head_dim) for a in _csv(args.attention)]
+        losses = [resolve_loss(x, device) for x in _csv(args.loss)]
+    except BackendError as exc:
+        raise ConfigError(f"--attention/--loss: {exc}") from exc
+    zeros = _csv(args.zero, int)
+    if any(z not in (0, 1, 2, 3) for z in zeros):
+        raise ConfigError(f"--zero {args.zero!r}: ZeRO stages are 0, 1, 2, 3")
+    micro_batches = _csv(args.micro_batch, int) or None
+    if micro_batches and min(micro_batches) < 1:
+        raise ConfigError(f"--micro-batch {args.micro_batch!r}: sizes must be >= 1")
+    return {"phases": phases, "attention": attentions, "loss": losses, "zero": zeros, "micro_batch": micro_batches}
+
+
+def _init_single_process(recipe, device) -> None:
+    """A process group of one rank (DeepSpeed needs one), on a free port."""
+    from antlm_dist.distributed import init_distributed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    init_distributed(recipe, device)
+
+
+def _run_matrix(args, recipes, matrix: dict, device, precision: str, peak: float, out: Path) -> list[dict]:
+    """Every (recipe, micro-batch) group of the matrix under one telemetry sampler; the records."""
+    from antlm_dist.bench.harness import BenchPlan, Variant, run_group
+    from antlm_dist.distributed import build_ds_config, zero_stage
+    from antlm_dist.telemetry import Telemetry
+
+    telemetry = Telemetry(device if device.type == "cuda" else None, interval_s=0.02).start()
+    records = []
+    try:
+        for name, recipe in recipes:
+            recipe_zero = zero_stage(build_ds_config(recipe, 1, device, recipe_source=name))
+            variants = [Variant(a, lo, z) for a in matrix["attention"] for lo in matrix["loss"]
+                        for z in (matrix["zero"] or [recipe_zero])]
+            plan = BenchPlan(phases=matrix["phases"], variants=variants, micro_batches=matrix["micro_batch"],
+                             steps=args.steps, warmup=args.warmup, data=args.data, baseline=args.baseline,
+                             profile=args.profile, profile_steps=max(1, args.profile_steps))
+            for mb in matrix["micro_batch"] or [recipe.train.micro_batch_size]:
+                records += run_group(Path(name).stem, recipe, mb, plan, device, precision, telemetry, peak,
+                                     out / "data")
+    finally:
+        telemetry.stop()
+    return records
 
 
 def _print_summary(result: dict) -> None:

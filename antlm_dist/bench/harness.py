@@ -3,8 +3,8 @@
 ``antlm`` runners build exactly what ``antlm-train`` builds: the recipe's model
 (:func:`antlm_dist.model.build_model`), the DeepSpeed engine
 (:func:`antlm_dist.distributed.build_engine` on :func:`~antlm_dist.distributed.build_ds_config`),
-the phase collators (:func:`antlm_dist.train.make_collators`) and one optimizer step
-(:func:`antlm_dist.train.train_step`), in one process (world size 1; gloo on CPU). ZeRO
+the phase collators (:func:`antlm_dist.data.pipeline.make_collators`) and one optimizer step
+(:func:`antlm_dist.trainer.global_batch_step`), in one process (world size 1; gloo on CPU). ZeRO
 stages still apply (their flattening and partitioning code runs, with one partition).
 
 The ``baseline`` runner is the BabyLlama reference step (Timiryasov & Tastet 2023, a
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from antlm_dist.bench.flops import FlopModel, mfu
+from antlm_dist.telemetry.flops import FlopModel, mfu
 from antlm_dist.config import Recipe
 from antlm_dist.data.tokenizer import SPECIAL_TOKENS
 from antlm_dist.telemetry.monitor import mean_or_none
@@ -85,7 +85,7 @@ class SyntheticVocab:
     """Stands in for the tokenizer on synthetic data: the five special roles (pad, bos,
     eos, unk, mask) take ids 0..4 as a trained tokenizer gives them; the ``<role>_token_id``
     attributes and ``convert_tokens_to_ids`` are what
-    :func:`antlm_dist.train.make_collators` reads."""
+    :func:`antlm_dist.data.pipeline.make_collators` reads."""
 
     roles = ("pad", "bos", "eos", "unk", "mask")
 
@@ -116,7 +116,8 @@ def load_bench_blocks(recipe: Recipe, data: str, n_blocks: int, workdir: Path):
     if data != "corpus":
         raise ValueError(f"--data {data!r}: use synthetic or corpus")
     from antlm_dist.data.corpus import find_corpus
-    from antlm_dist.train import load_blocks, prepare_tokenizer
+    from antlm_dist.data.blocks import load_blocks
+    from antlm_dist.data.pipeline import prepare_tokenizer
 
     corpus = find_corpus(recipe.data.corpus)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -131,7 +132,7 @@ def load_bench_blocks(recipe: Recipe, data: str, n_blocks: int, workdir: Path):
 def make_batch_pool(recipe: Recipe, tok, blocks: torch.Tensor, phases, pool_steps: int) -> dict[str, list[list[Any]]]:
     """Per phase, ``pool_steps`` optimizer steps of collated micro-batches (lists of
     :class:`~antlm_dist.data.collators.Batch`), from consecutive blocks."""
-    from antlm_dist.train import make_collators
+    from antlm_dist.data.pipeline import make_collators
 
     clm, mlm = make_collators(recipe, tok)
     mb, gas = recipe.train.micro_batch_size, recipe.train.gradient_accumulation_steps
@@ -163,7 +164,7 @@ def variant_recipe(recipe: Recipe, variant: Variant | None, micro_batch: int) ->
 
 
 class AntLMRunner:
-    """The trainer's step: DeepSpeed engine + :func:`antlm_dist.train.train_step`."""
+    """The trainer's step: DeepSpeed engine + :func:`antlm_dist.trainer.global_batch_step`."""
 
     kind = "antlm"
 
@@ -176,16 +177,16 @@ class AntLMRunner:
         if variant.zero == 0:
             ds_config["zero_optimization"] = {"stage": 0}
         torch.manual_seed(recipe.train.seed)
-        model = build_model(recipe.model)
+        model = build_model(recipe.model, device=device)
         self.flop_model = FlopModel.from_module(model, recipe.model)
         self.initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.engine = build_engine(model, recipe, ds_config, total_steps)
         self.engine.train()
 
     def step(self, micro_batches, causal: bool) -> None:
-        from antlm_dist.train import train_step
+        from antlm_dist.trainer import global_batch_step
 
-        train_step(self.engine, micro_batches, causal=causal, device=self.device)
+        global_batch_step(self.engine, micro_batches, causal=causal, device=self.device)
 
     def close(self) -> None:
         self.engine.destroy()
@@ -353,12 +354,35 @@ def run_group(config_name: str, recipe: Recipe, micro_batch: int, plan: BenchPla
         One record per (runner, phase); see :func:`antlm_dist.bench.report.write_json`.
     """
     base = variant_recipe(recipe, None, micro_batch)
-    gas, seq_len = base.train.gradient_accumulation_steps, base.data.seq_len
+    gas = base.train.gradient_accumulation_steps
     pool_steps = max(1, min(plan.steps + plan.warmup, 4))
     tok, blocks = load_bench_blocks(base, plan.data, pool_steps * micro_batch * gas, workdir / config_name)
     pool = make_batch_pool(base, tok, blocks, plan.phases, pool_steps)
-    total_steps = len(plan.phases) * (plan.warmup + plan.steps + 2)
+    runners, memory, flop_model = _build_and_warm_up(config_name, recipe, base, micro_batch, plan, device, precision,
+                                                     telemetry, pool, pool_steps)
+    times, windows, cpu_times = _time_interleaved(config_name, micro_batch, runners, plan, device, telemetry, pool,
+                                                  pool_steps)
+    profiles = _profile_round_robin(runners, plan, device, pool)
+    records = []
+    for runner in runners:
+        for phase in plan.phases:
+            key = (runner.label, phase)
+            timed = [pool[phase][(plan.warmup + i) % pool_steps] for i in range(plan.steps)]
+            records.append(_record(config_name, base, micro_batch, plan, runner, phase, timed, flop_model,
+                                   times[key], windows[key], cpu_times[key], memory[key], profiles.get(key),
+                                   peak_flops, device))
+    _add_baseline_ratios(records)
+    for runner in runners:
+        runner.close()
+    del runners
+    gc.collect()
+    return records
 
+
+def _build_and_warm_up(config_name, recipe, base, micro_batch, plan, device, precision, telemetry, pool, pool_steps):
+    """Build each runner in turn and run its warm-up steps per phase, recording the memory it
+    added: ``(runners, {(label, phase): (peak GiB above the start, RSS peak GiB)}, FlopModel)``."""
+    total_steps = len(plan.phases) * (plan.warmup + plan.steps + 2)
     builders = [(v.label, (lambda v=v: AntLMRunner(variant_recipe(recipe, v, micro_batch), v, device, total_steps)))
                 for v in plan.variants]
     runners, memory, initial_state = [], {}, None
@@ -389,7 +413,12 @@ def run_group(config_name: str, recipe: Recipe, micro_batch: int, plan: BenchPla
             memory[(runner.label, phase)] = (peak, w.summary.rss_peak_gib)
     if flop_model is None:
         flop_model = FlopModel.from_model_config(base.model)
+    return runners, memory, flop_model
 
+
+def _time_interleaved(config_name, micro_batch, runners, plan, device, telemetry, pool, pool_steps):
+    """Timed steps, round-robin over runners and phases so that load from other processes
+    spreads over all of them: ``(times s, telemetry windows, CPU seconds)`` per (label, phase)."""
     times = {(r.label, p): [] for r in runners for p in plan.phases}
     windows = {(r.label, p): [] for r in runners for p in plan.phases}
     cpu_times = {(r.label, p): [] for r in runners for p in plan.phases}
@@ -408,7 +437,11 @@ def run_group(config_name: str, recipe: Recipe, micro_batch: int, plan: BenchPla
                 times[(runner.label, phase)].append(dt)
                 windows[(runner.label, phase)].append(w.summary)
                 cpu_times[(runner.label, phase)].append(w.summary.cpu_util_pct * w.summary.duration_s / 100)
+    return times, windows, cpu_times
 
+
+def _profile_round_robin(runners, plan, device, pool) -> dict:
+    """``{(label, phase): profile}`` of the least disturbed of ``plan.profile_steps`` profiled steps."""
     profiles = {}
     for _ in range(plan.profile_steps if plan.profile else 0):  # round-robin, like the timed steps
         for phase in plan.phases:
@@ -417,53 +450,55 @@ def run_group(config_name: str, recipe: Recipe, micro_batch: int, plan: BenchPla
                 best = profiles.get((runner.label, phase))
                 if best is None or sum(prof["categories_ms"].values()) < sum(best["categories_ms"].values()):
                     profiles[(runner.label, phase)] = prof  # the least disturbed of the profiled steps
+    return profiles
 
-    records = []
-    m = base.model
-    for runner in runners:
-        for phase in plan.phases:
-            key = (runner.label, phase)
-            timed = [pool[phase][(plan.warmup + i) % pool_steps] for i in range(plan.steps)]
-            targets = statistics.fmean(sum(b.num_targets for b in micro) for micro in timed)
-            tokens = micro_batch * gas * seq_len
-            st = _percentiles(times[key])
-            flops = flop_model.step(micro_batch * gas, seq_len, phase == "CLM", targets)
-            # FLOPs actually executed: the baseline's head runs on every row (full logits)
-            executed = (flops if runner.kind == "antlm" else
-                        flop_model.step(micro_batch * gas, seq_len, phase == "CLM", tokens))
-            ws = windows[key]
-            energy = [w.energy_j for w in ws if w.energy_j is not None]
-            total_s = sum(w.duration_s for w in ws)
-            rec = {
-                "config": config_name, "phase": phase, "runner": runner.kind, "label": runner.label,
-                "attention": runner.variant.attention if runner.kind == "antlm" else f"hf-{runner.attn_implementation}",
-                "loss": runner.variant.loss if runner.kind == "antlm" else "full-logits",
-                "zero": runner.variant.zero if runner.kind == "antlm" else None,
-                "micro_batch": micro_batch, "gradient_accumulation_steps": gas, "seq_len": seq_len,
-                "model": {"hidden_size": m.hidden_size, "num_hidden_layers": m.num_hidden_layers,
-                          "num_attention_heads": m.num_attention_heads, "intermediate_size": m.intermediate_size,
-                          "vocab_size": m.vocab_size, "body_params": flop_model.n_body_params},
-                "tokens_per_step": tokens, "target_rows_per_step": targets,
-                "steps": plan.steps, "warmup_steps": plan.warmup,
-                "step_time_s": st,
-                "cpu_time_s": _percentiles(cpu_times[key]),
-                "tokens_per_s_per_device": tokens / st["median"],
-                "model_flops_per_step": flops,
-                "executed_flops_per_step": executed,
-                "model_tflops_per_s": flops / st["median"] / 1e12,
-                "mfu": mfu(flops, st["median"], peak_flops),
-                "mem_peak_gib": memory[key][0],
-                "mem_kind": ("torch.cuda.max_memory_allocated above the memory held before this runner was built"
-                             if device.type == "cuda" else
-                             "process RSS peak (psutil) above the RSS before this runner was built"),
-                "rss_peak_gib": memory[key][1],
-                "cpu_util_pct": sum(w.cpu_util_pct * w.duration_s for w in ws) / max(total_s, 1e-12),
-                "power_w": (sum(energy) / total_s) if energy else None,
-                "energy_j_per_step": (sum(energy) / len(energy)) if energy else None,
-                "sm_util_pct": mean_or_none(w.sm_util_pct for w in ws),
-                "profile": profiles.get(key),
-            }
-            records.append(rec)
+
+def _record(config_name, base, micro_batch, plan, runner, phase, timed, flop_model, times, ws, cpu_times, memory,
+            profile, peak_flops, device) -> dict:
+    """One (runner, phase) record of ``bench.json``."""
+    m, gas, seq_len = base.model, base.train.gradient_accumulation_steps, base.data.seq_len
+    targets = statistics.fmean(sum(b.num_targets for b in micro) for micro in timed)
+    tokens = micro_batch * gas * seq_len
+    st = _percentiles(times)
+    flops = flop_model.step(micro_batch * gas, seq_len, phase == "CLM", targets)
+    # FLOPs actually executed: the baseline's head runs on every row (full logits)
+    executed = (flops if runner.kind == "antlm" else
+                flop_model.step(micro_batch * gas, seq_len, phase == "CLM", tokens))
+    energy = [w.energy_j for w in ws if w.energy_j is not None]
+    total_s = sum(w.duration_s for w in ws)
+    return {
+        "config": config_name, "phase": phase, "runner": runner.kind, "label": runner.label,
+        "attention": runner.variant.attention if runner.kind == "antlm" else f"hf-{runner.attn_implementation}",
+        "loss": runner.variant.loss if runner.kind == "antlm" else "full-logits",
+        "zero": runner.variant.zero if runner.kind == "antlm" else None,
+        "micro_batch": micro_batch, "gradient_accumulation_steps": gas, "seq_len": seq_len,
+        "model": {"hidden_size": m.hidden_size, "num_hidden_layers": m.num_hidden_layers,
+                  "num_attention_heads": m.num_attention_heads, "intermediate_size": m.intermediate_size,
+                  "vocab_size": m.vocab_size, "body_params": flop_model.n_body_params},
+        "tokens_per_step": tokens, "target_rows_per_step": targets,
+        "steps": plan.steps, "warmup_steps": plan.warmup,
+        "step_time_s": st,
+        "cpu_time_s": _percentiles(cpu_times),
+        "tokens_per_s_per_device": tokens / st["median"],
+        "model_flops_per_step": flops,
+        "executed_flops_per_step": executed,
+        "model_tflops_per_s": flops / st["median"] / 1e12,
+        "mfu": mfu(flops, st["median"], peak_flops),
+        "mem_peak_gib": memory[0],
+        "mem_kind": ("torch.cuda.max_memory_allocated above the memory held before this runner was built"
+                     if device.type == "cuda" else
+                     "process RSS peak (psutil) above the RSS before this runner was built"),
+        "rss_peak_gib": memory[1],
+        "cpu_util_pct": sum(w.cpu_util_pct * w.duration_s for w in ws) / max(total_s, 1e-12),
+        "power_w": (sum(energy) / total_s) if energy else None,
+        "energy_j_per_step": (sum(energy) / len(energy)) if energy else None,
+        "sm_util_pct": mean_or_none(w.sm_util_pct for w in ws),
+        "profile": profile,
+    }
+
+
+def _add_baseline_ratios(records: list[dict]) -> None:
+    """Speed-ups (wall and CPU time) and the FLOP bound of every record against the baseline of its phase."""
     by_phase = {r["phase"]: r for r in records if r["runner"] == "baseline"}
     for rec in records:
         b = by_phase.get(rec["phase"])
@@ -471,11 +506,5 @@ def run_group(config_name: str, recipe: Recipe, micro_batch: int, plan: BenchPla
         rec["flop_bound_speedup"] = (b["executed_flops_per_step"] / rec["executed_flops_per_step"]) if b else None
         rec["speedup_vs_baseline_cpu_time"] = (b["cpu_time_s"]["median"] / max(rec["cpu_time_s"]["median"], 1e-12)
                                                if b else None)
-
-    for runner in runners:
-        runner.close()
-    del runners
-    gc.collect()
-    return records
 
 

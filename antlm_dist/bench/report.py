@@ -3,7 +3,7 @@
 A record (one runner × phase × micro-batch of one recipe) holds, with units in the names:
 ``tokens_per_s_per_device``; ``step_time_s`` (median, p10, p90, mean, all); ``mfu``
 (fraction; Chowdhery et al. 2022) from ``model_flops_per_step`` (see
-:mod:`antlm_dist.bench.flops`); ``mem_peak_gib`` and what it measures (``mem_kind``);
+:mod:`antlm_dist.telemetry.flops`); ``mem_peak_gib`` and what it measures (``mem_kind``);
 ``cpu_time_s`` (this process's CPU seconds per step) and ``cpu_util_pct``; on GPU
 ``power_w``, ``energy_j_per_step`` and ``sm_util_pct``; ``speedup_vs_baseline`` (baseline
 median step time ÷ this one's) and ``speedup_vs_baseline_cpu_time`` (the same with CPU
@@ -60,6 +60,16 @@ def markdown(result: dict) -> str:
         "The baseline gets the same model FLOPs, so its MFU is not credited with its extra logits.",
         "",
     ]
+    lines += _config_tables(recs)
+    lines += _profile_section(result)
+    if result.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def _config_tables(recs: list[dict]) -> list[str]:
+    """One Markdown table per recipe: every runner, phase and micro-batch."""
+    lines = []
     for config in dict.fromkeys(r["config"] for r in recs):
         rows = [r for r in recs if r["config"] == config]
         lines += [f"## {config}", "", _model_line(rows[0]) + ".", "",
@@ -82,7 +92,13 @@ def markdown(result: dict) -> str:
                   "time per step (median); on a shared machine its ratio is less disturbed by other "
                   "processes' load than the wall-clock ratio. FLOP bound: the baseline's executed FLOPs (its LM "
                   "head runs on every row) ÷ this runner's, the speed-up if time were proportional to FLOPs.", ""]
-    profiled = [r for r in recs if r.get("profile")]
+    return lines
+
+
+def _profile_section(result: dict) -> list[str]:
+    """Profiler summaries: time by category, AntLM vs baseline differences, top ops."""
+    profiled = [r for r in result["records"] if r.get("profile")]
+    lines = []
     if profiled:
         n_prof = result["plan"].get("profile_steps", 1)
         lines += [f"## Where the time goes (torch.profiler, least disturbed of {n_prof} "
@@ -130,9 +146,7 @@ def markdown(result: dict) -> str:
             lines += [f"Top ops, {r['config']} {r['phase']}, {r['label']}, micro-batch {r['micro_batch']}: "
                       + ", ".join(f"`{o['op']}` {o['self_ms']:.0f} ms ({100 * o['share']:.0f}%)" for o in p["top_ops"]),
                       ""]
-    if result.get("notes"):
-        lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
-    return "\n".join(lines)
+    return lines
 
 
 def write_markdown(path: Path, result: dict) -> Path:

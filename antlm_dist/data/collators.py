@@ -22,9 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from antlm_dist.data.sampler import derive_seed
-
-IGNORE_INDEX = -100
+from antlm_dist.kernels.masked_token_loss import IGNORE_INDEX  # the loss owns it
+from antlm_dist.seeding import seeded_generator
 
 
 @dataclass
@@ -127,7 +126,7 @@ class MLMCollator:
         input_ids = blocks.clone()
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         for b, sid in enumerate(sample_ids):
-            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, sid))
+            g = seeded_generator(self.seed, epoch, sid)
             original = blocks[b]
             selected, action = self.draw(original, g)
             random_tokens = self.replacement_ids[

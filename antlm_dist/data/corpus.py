@@ -41,8 +41,11 @@ def _glob(folder: Path, suffix: str) -> list[Path]:
     return sorted(p for p in folder.glob(f"*{suffix}") if p.is_file())
 
 
-def find_corpus(corpus) -> CorpusFiles:
+def find_corpus(corpus, validate: bool = True) -> CorpusFiles:
     """Resolve ``data.corpus`` to its train and dev files, and validate them.
+
+    ``validate=False`` skips reading every file (non-empty, UTF-8): for ranks started by a
+    launcher that has already checked them in its preflight.
 
     Raises:
         CorpusError: the path does not exist, holds no ``.train`` files, a file is empty,
@@ -68,7 +71,7 @@ def find_corpus(corpus) -> CorpusFiles:
                 "(train/*.train, dev/*.dev), a list of text files, or 'bundled'"
             )
         if folder.is_file():
-            return find_corpus([str(folder)])
+            return find_corpus([str(folder)], validate)
         train, dev = [], []
         for name in TRAIN_DIRS:
             if (folder / name).is_dir():
@@ -84,7 +87,7 @@ def find_corpus(corpus) -> CorpusFiles:
                 f"({'/, '.join(TRAIN_DIRS)}/ with *.train and dev/ or babylm_dev/ with *.dev)"
             )
         root = str(folder)
-    for p in list(train) + list(dev):
+    for p in list(train) + list(dev) if validate else ():
         check_text_file(p)
     return CorpusFiles(tuple(train), tuple(dev), root)
 

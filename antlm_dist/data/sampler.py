@@ -10,15 +10,9 @@ the position in an epoch is a number of samples that converts between world size
 """
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes and Python versions."""
-    text = ":".join(str(int(p)) for p in parts).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+from antlm_dist.seeding import derive_seed, seeded_generator  # noqa: F401  (derive_seed: kept importable here)
 
 
 class DistributedResumableSampler:
@@ -60,7 +54,7 @@ class DistributedResumableSampler:
     def permutation(self, epoch: int) -> torch.Tensor:
         """(N,) int64 visiting order of ``epoch``, from a generator seeded by (seed, epoch)."""
         if self._perm_cache is None or self._perm_cache[0] != epoch:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
+            g = seeded_generator(self.seed, epoch)
             self._perm_cache = (epoch, torch.randperm(self.num_samples, generator=g))
         return self._perm_cache[1]
 

@@ -19,7 +19,7 @@ Labels follow the trainer's convention (see :mod:`antlm_dist.data.collators`):
 (MNTP) puts the original token at t+1 on position t when t+1 was selected.
 
 Draws are seeded by (seed, epoch, sample index) via
-:func:`~antlm_dist.data.sampler.derive_seed`, as for token masking, so a resumed run draws
+:func:`~antlm_dist.seeding.derive_seed`, as for token masking, so a resumed run draws
 the same spans at any world size.
 """
 from __future__ import annotations

@@ -84,7 +84,8 @@ def run_heldout(args: argparse.Namespace) -> dict:
     from antlm_dist.data.tokenizer import tokenizer_hash
     from antlm_dist.eval.heldout import evaluate_heldout
     from antlm_dist.export import load_pretrained, read_antlm_meta
-    from antlm_dist.train import load_blocks, make_collators
+    from antlm_dist.data.blocks import load_blocks
+    from antlm_dist.data.pipeline import make_collators
 
     device = _device(args.device)
     model, tok = load_pretrained(args.model, device)

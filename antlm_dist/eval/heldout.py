@@ -10,11 +10,9 @@ import math
 
 import torch
 
-from antlm_dist.data.collators import IGNORE_INDEX
 from antlm_dist.distributed import all_reduce_sum, world_info
-
-EVAL_EPOCH = 1_000_003
-"""The 'epoch' used to seed evaluation masks: fixed, and distinct from training epochs."""
+from antlm_dist.kernels.masked_token_loss import IGNORE_INDEX
+from antlm_dist.seeding import EVAL_EPOCH
 
 
 @torch.no_grad()
@@ -27,7 +25,8 @@ def evaluate_objective(model, blocks: torch.Tensor, collator, micro_batch_size: 
     Args:
         model: the DeepSpeed engine or the bare module; called as
             ``model(input_ids, attention_mask, labels, causal=..., segment_ids=...)``.
-        blocks: (N, T) int64 dev blocks.
+        blocks: (N, T) dev blocks: a :class:`~antlm_dist.data.blocks.PackedBlocks` or an int64
+            tensor; indexing it with a list of ids gives an int64 (B, T) tensor.
         collator: a CLM or MLM collator (its ``causal`` attribute picks the mask).
 
     Returns:

@@ -1,7 +1,8 @@
 """One attention entry point with named implementations.
 
-Every backbone calls :func:`attention`; the implementation is chosen per call from
-``impl`` ("sdpa", "triton" or "eager"), so the causal/bidirectional switch of AntLM
+Every backbone calls :func:`attention` with the implementation ``impl`` ("sdpa",
+"triton" or "eager") that :func:`antlm_dist.kernels.backend.resolve_backends` chose once
+when the model was built; the causal/bidirectional switch is a per-call argument, so the causal/bidirectional switch of AntLM
 (Yu et al., BabyLM 2024) is an argument, never module state.
 
 Shapes use B = batch, H = query heads, Hkv = key/value heads, T = sequence, D = head dim.
@@ -12,31 +13,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-IMPLEMENTATIONS = ("auto", "sdpa", "triton", "eager")
-
-
-def resolve_attention_impl(impl: str, device: torch.device | str | None = None) -> str:
-    """Map ``"auto"`` to ``"triton"`` on CUDA and ``"sdpa"`` elsewhere.
-
-    Raises:
-        ValueError: if ``impl`` is not one of :data:`IMPLEMENTATIONS`.
-    """
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"model.attention={impl!r} is not known; use one of {', '.join(IMPLEMENTATIONS)}"
-        )
-    if impl != "auto":
-        return impl
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:  # pragma: no cover - CUDA without triton
-            return "sdpa"
-        return "triton"
-    return "sdpa"
-
 
 def build_attention_mask(
     batch: int,
@@ -90,8 +66,8 @@ def attention(
             bidirectional MLM mask.
         impl: "sdpa" (torch ``scaled_dot_product_attention`` with an explicit mask),
             "triton" (``antlm_dist.kernels.flash_attention``) or "eager" (plain matmul +
-            softmax, the float64-capable oracle). Resolve "auto" first with
-            :func:`resolve_attention_impl`.
+            softmax, the float64-capable oracle), as resolved by
+            :func:`antlm_dist.kernels.backend.resolve_backends`.
         key_padding_mask: (B, T) bool/int, 1 for a real token, or None.
         segment_ids: (B, T) int document ids for packed sequences, or None.
         softmax_scale: defaults to 1/sqrt(D).
@@ -112,7 +88,7 @@ def attention(
         return flash_attention(
             q, k, v, causal=causal, softmax_scale=softmax_scale,
             key_padding_mask=None if key_padding_mask is None else key_padding_mask.bool(),
-            segment_ids=segment_ids,
+            segment_ids=segment_ids, backend="triton",
         )
     if impl not in ("sdpa", "eager"):
         raise ValueError(f"attention impl {impl!r} is not known; use 'sdpa', 'triton' or 'eager'")

@@ -12,14 +12,6 @@ import torch
 import torch.nn as nn
 
 
-def resolve_loss_impl(impl: str, device: torch.device) -> str:
-    """``auto`` → ``triton`` on CUDA, ``torch`` elsewhere (whatever ``TRITON_INTERPRET`` says);
-    ``triton``/``torch`` are kept as given."""
-    if impl != "auto":
-        return impl
-    return "triton" if device.type == "cuda" else "torch"
-
-
 class LossOutput(NamedTuple):
     """loss_sum: fp32 scalar, summed cross-entropy (nats) over target rows.
     n_targets: int64 scalar, rows with a label. n_correct: int64 scalar, top-1 hits."""
@@ -32,7 +24,8 @@ class LossOutput(NamedTuple):
 def project_or_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor | None, loss_impl: str):
     """Logits (…, V) = hidden (…, H) · weightᵀ when ``labels`` is None; else the
     :class:`LossOutput` of :func:`antlm_dist.kernels.masked_token_loss` over the rows whose
-    label (…) int64 is not -100 (the full logits are never materialised).
+    label (…) int64 is not ``IGNORE_INDEX`` (-100; the full logits are never materialised).
+    ``loss_impl`` is the resolved backend, ``"triton"`` or ``"torch"``.
 
     Call it from the ``forward`` of the module that owns ``weight`` (ZeRO-3 gathers it there).
     """
@@ -42,7 +35,7 @@ def project_or_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
 
     loss, n, correct = masked_token_loss(
         hidden, weight, labels, reduction="sum", return_accuracy=True,
-        backend=resolve_loss_impl(loss_impl, hidden.device),
+        backend=loss_impl,
     )
     return LossOutput(loss, n, correct)
 
@@ -57,7 +50,7 @@ class LMHead(nn.Module):
     materialised.
     """
 
-    def __init__(self, hidden_size: int, vocab_size: int, loss_impl: str = "auto"):
+    def __init__(self, hidden_size: int, vocab_size: int, loss_impl: str = "torch"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
         self.loss_impl = loss_impl

@@ -14,7 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from antlm_dist.config import ModelConfig
-from antlm_dist.model.attention import attention, resolve_attention_impl
+from antlm_dist.kernels.backend import KernelBackends
+from antlm_dist.model.backends import resolve_model_backends
+from antlm_dist.model.attention import attention
 from antlm_dist.model.heads import LMHead
 
 
@@ -104,9 +106,10 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaBackbone(nn.Module):
     """Embedding, decoder layers and final norm (HF ``LlamaModel``; prefix ``model.``)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attention_impl: str = "sdpa"):
         super().__init__()
         self.config = cfg
+        self.attention_impl = attention_impl  # resolved once by build_model: "sdpa", "triton" or "eager"
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -133,9 +136,8 @@ class LlamaBackbone(nn.Module):
         key_padding_mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
             key_padding_mask = attention_mask.bool()
-        impl = resolve_attention_impl(self.config.attention, x.device)
         for layer in self.layers:
-            x = layer(x, cos, sin, causal=causal, impl=impl, key_padding_mask=key_padding_mask,
+            x = layer(x, cos, sin, causal=causal, impl=self.attention_impl, key_padding_mask=key_padding_mask,
                       segment_ids=segment_ids)
         return self.norm(x)
 
@@ -150,11 +152,13 @@ class AntLMForPretraining(nn.Module):
     * without, returns logits (B, T, V) in the parameters' dtype.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, backends: KernelBackends | None = None):
         super().__init__()
+        if backends is None:  # resolved for the default device; build_model passes the run's
+            backends = resolve_model_backends(cfg)
         self.config = cfg
-        self.model = LlamaBackbone(cfg)
-        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, cfg.loss)
+        self.model = LlamaBackbone(cfg, backends.attention)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, backends.loss)
         self.reset_parameters()
 
     @torch.no_grad()

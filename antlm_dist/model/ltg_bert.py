@@ -54,8 +54,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from antlm_dist.config import ModelConfig
-from antlm_dist.data.collators import IGNORE_INDEX
+from antlm_dist.kernels.masked_token_loss import IGNORE_INDEX
+from antlm_dist.kernels.backend import KernelBackends
 from antlm_dist.model.attention import build_attention_mask
+from antlm_dist.model.backends import resolve_model_backends
 from antlm_dist.model.heads import project_or_loss
 
 
@@ -108,7 +110,7 @@ class TiedWordEmbedding(nn.Embedding):
     module docstring on ZeRO-3).
     """
 
-    def __init__(self, vocab_size: int, hidden_size: int, loss_impl: str = "auto"):
+    def __init__(self, vocab_size: int, hidden_size: int, loss_impl: str = "torch"):
         super().__init__(vocab_size, hidden_size)
         self.loss_impl = loss_impl
 
@@ -124,9 +126,9 @@ class TiedWordEmbedding(nn.Embedding):
 class LtgBertEmbedding(nn.Module):
     """Word embedding (LayerNorm without affine, dropout) and the shared relative embeddings."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, loss_impl: str = "torch"):
         super().__init__()
-        self.word_embedding = TiedWordEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.loss)
+        self.word_embedding = TiedWordEmbedding(cfg.vocab_size, cfg.hidden_size, loss_impl)
         self.word_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, elementwise_affine=False)
         self.relative_embedding = nn.Parameter(torch.empty(2 * cfg.position_bucket_size - 1, cfg.hidden_size))
         self.relative_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -248,23 +250,6 @@ class LtgBertHeadTransform(nn.Module):
         return self.dropout(self.post_layer_norm(F.gelu(self.dense(self.pre_layer_norm(x)))))
 
 
-def resolve_ltg_bert_attention(impl: str) -> str:
-    """``auto``/``sdpa`` → ``sdpa`` (torch SDPA with the position terms as an additive float
-    mask), ``eager`` → explicit softmax.
-
-    Raises:
-        ValueError: ``triton``: the flash-attention kernel has no per-pair bias input.
-    """
-    if impl in ("auto", "sdpa"):
-        return "sdpa"
-    if impl == "eager":
-        return "eager"
-    raise ValueError(
-        f"model.attention={impl!r} is not available for model.arch=ltg_bert: the Triton flash-attention "
-        "kernel takes no per-pair relative-position bias; use model.attention=sdpa (or eager)"
-    )
-
-
 class LtgBertForPretraining(nn.Module):
     """LTG-BERT encoder + tied MLM head; the same weights serve CLM and MLM phases.
 
@@ -279,13 +264,15 @@ class LtgBertForPretraining(nn.Module):
     * without, returns logits (B, T, V) in the parameters' dtype.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, backends: KernelBackends | None = None):
         super().__init__()
         if cfg.num_key_value_heads not in (None, cfg.num_attention_heads):
             raise ValueError("model.arch=ltg_bert has no grouped-query attention; leave model.num_key_value_heads unset")
+        if backends is None:  # resolved for the default device; build_model passes the run's
+            backends = resolve_model_backends(cfg)
         self.config = cfg
-        self.attention_impl = resolve_ltg_bert_attention(cfg.attention)
-        self.embedding = LtgBertEmbedding(cfg)
+        self.attention_impl = backends.attention  # "sdpa" or "eager": the Triton kernel takes no position bias
+        self.embedding = LtgBertEmbedding(cfg, backends.loss)
         self.transformer = LtgBertEncoder(cfg)
         self.classifier = LtgBertHeadTransform(cfg)
         self._index_cache: dict[tuple[int, str], torch.Tensor] = {}

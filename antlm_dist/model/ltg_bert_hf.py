@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM, PretrainedConfig, Pre
 from transformers.modeling_outputs import MaskedLMOutput
 
 from antlm_dist.config import ModelConfig
-from antlm_dist.data.collators import IGNORE_INDEX
+from antlm_dist.kernels.masked_token_loss import IGNORE_INDEX
 from antlm_dist.model.ltg_bert import LtgBertForPretraining
 
 MODEL_TYPE = "antlm_ltg_bert"

@@ -14,7 +14,7 @@ from antlm_dist.data.collators import MLMCollator
 from antlm_dist.data.sampler import DistributedResumableSampler
 from antlm_dist.distributed import build_ds_config, init_distributed, world_info
 from antlm_dist.model import build_model
-from antlm_dist.train import train_step
+from antlm_dist.trainer import global_batch_step
 
 
 def main(stage: int) -> None:
@@ -46,7 +46,7 @@ def main(stage: int) -> None:
     counts = [b.num_targets for mb in all_micro for b in mb]
     assert len(set(counts)) > 1, counts  # unequal target counts make the normalisation matter
 
-    loss_total, n_global, _ = train_step(engine, all_micro[rank], causal=False, device=device)
+    loss_total, n_global, _ = global_batch_step(engine, all_micro[rank], causal=False, device=device)
     assert n_global == sum(counts), (n_global, counts)
 
     params = dict(engine.module.named_parameters())

@@ -50,7 +50,7 @@ MODES = {
 
 @pytest.fixture(autouse=True)
 def _nan_filled_buffers(monkeypatch):
-    monkeypatch.setenv(fa.NAN_FILL_ENV, "1")
+    monkeypatch.setattr(fa, "NAN_FILL_BUFFERS", True)
 
 
 def _generator(*case) -> torch.Generator:
@@ -283,7 +283,7 @@ def test_benchmark_cpu_smoke_runs(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "kernels" / "bench_attention.py"), "--cpu-smoke", "--out", str(out)],
+        [sys.executable, str(REPO / "benchmarks" / "bench_attention.py"), "--cpu-smoke", "--out", str(out)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from antlm_dist.kernels import masked_token_loss, masked_token_loss_ref
-from antlm_dist.kernels.bench_masked_token_loss import cpu_peak_allocated_bytes
+from antlm_dist.telemetry.memory import cpu_peak_allocated_bytes
 from antlm_testutil import assert_compile_for_sm90
 
 # the package re-exports the function under the module's name; fetch the module itself

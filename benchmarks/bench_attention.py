@@ -19,8 +19,7 @@ It prints a Markdown table and writes JSON to ``--out``.
 
 ``--cpu-smoke`` runs a tiny fp32 version on CPU through the Triton interpreter (timed
 with ``time.perf_counter``; ``do_bench`` does not run there) so the script itself can be
-tested. Run it as ``python kernels/bench_attention.py`` or
-``python -m antlm_dist.kernels.bench_attention``.
+tested. Run it as ``python benchmarks/bench_attention.py`` (with antlm-dist installed).
 """
 from __future__ import annotations
 
@@ -47,13 +46,10 @@ def _parse_args(argv=None):
 
 
 def _load_kernel_module():
-    """Import flash_attention as a package member or, run as a script, from this folder."""
-    if __package__:
-        from . import flash_attention as module
-    else:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import flash_attention as module
-    return module
+    """Import the installed kernel (after ``--cpu-smoke`` has set TRITON_INTERPRET)."""
+    import importlib
+
+    return importlib.import_module("antlm_dist.kernels.flash_attention")
 
 
 def _rel_err(actual, expected) -> float:

@@ -33,7 +33,7 @@ Measurements:
 
 Prints a Markdown table and writes JSON to ``--out``. Asserts nothing.
 
-    python kernels/bench_masked_token_loss.py --sizes babyllama --out bench_mtl.json
+    python benchmarks/bench_masked_token_loss.py --sizes babyllama --out bench_mtl.json
 """
 
 from __future__ import annotations
@@ -48,10 +48,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-try:
-    from antlm_dist.kernels.masked_token_loss import masked_token_loss, masked_token_loss_ref
-except ImportError:  # run from a checkout without installing: python kernels/bench_masked_token_loss.py
-    from masked_token_loss import masked_token_loss, masked_token_loss_ref
+from antlm_dist.kernels.masked_token_loss import masked_token_loss, masked_token_loss_ref
+from antlm_dist.telemetry.memory import cpu_peak_allocated_bytes
 
 SIZES = {
     "babyllama": {"batch": 32, "seq": 128, "hidden": 512, "vocab": 16_000},
@@ -141,22 +139,6 @@ def peak_extra_bytes(fn, args, device):
         sync(device)
         return torch.cuda.max_memory_allocated(device) - before
     return cpu_peak_allocated_bytes(lambda: fwd_bwd(fn, *args))
-
-
-def cpu_peak_allocated_bytes(fn) -> int:
-    """Peak of (CPU bytes allocated - bytes freed) while ``fn()`` runs, in bytes, from the
-    profiler's allocation events (memory held before the call does not count)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def main(argv=None):

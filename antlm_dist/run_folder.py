@@ -1,0 +1,99 @@
+"""The output folder of one training run, and its policy.
+
+Layout::
+
+    <run>/recipe.yaml     the resolved recipe
+    <run>/run.json        versions, world size, ZeRO stage, sizes (written at start)
+    <run>/metrics.jsonl   one record per line (see antlm_dist.metrics)
+    <run>/tokenizer/      the run's tokenizer
+    <run>/checkpoints/    see antlm_dist.checkpoint
+    <run>/cache/          packed-block cache (unless data.cache_dir is set)
+    <run>/summary.json    final figures, written when the schedule completes
+    <run>/PREEMPTED       the step at which a preemption signal stopped the run
+
+A folder that holds a run (any of :data:`RUN_MARKERS`) is only reused with ``--resume``
+(continue it) or ``--overwrite`` (replace it).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from antlm_dist.config import ConfigError
+from antlm_dist.distributed import barrier
+
+RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints")
+PREEMPTED_MARKER = "PREEMPTED"
+"""Written into the run folder beside exit status 75, because torchrun reports any failed
+worker as exit status 1: launch/slurm/antlm.sbatch requeues when it finds this file.
+Removed when the next run in the folder starts."""
+_OVERWRITTEN = RUN_MARKERS + ("tokenizer", "summary.json", "recipe.yaml", "logs")
+
+
+class RunFolder:
+    """Owns ``path``: the checks before a run, its start-up files and its end markers.
+
+    Only rank 0 writes; every method that writes is a no-op on other ranks, except
+    :meth:`prepare`, which is collective (a barrier).
+    """
+
+    def __init__(self, path: Path | str, rank: int = 0):
+        self.path = Path(path)
+        self.rank = rank
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def check(self, resume: bool, overwrite: bool) -> None:
+        """Refuse to mix runs: a folder holding another run needs --resume or --overwrite.
+
+        Raises:
+            ConfigError: naming the folder and both options.
+        """
+        out = self.path
+        if resume and overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other; give one")
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--output-dir {out} is a file; give a folder")
+        holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
+        if holds_run and not (resume or overwrite):
+            raise ConfigError(
+                f"--output-dir {out} already holds a run; pass --resume to continue it, --overwrite to "
+                "replace it, or choose another folder"
+            )
+        if resume and not self.checkpoints.is_dir():
+            raise ConfigError(f"--resume: {self.checkpoints} does not exist; start without --resume")
+
+    def prepare(self, overwrite: bool) -> None:
+        """Collective: with ``overwrite`` delete the previous run's files, create the folder and
+        drop a stale preemption marker (rank 0), then wait for every rank."""
+        if self.rank == 0 and overwrite and self.path.exists():
+            for m in _OVERWRITTEN:
+                target = self.path / m
+                shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        if self.rank == 0:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / PREEMPTED_MARKER).unlink(missing_ok=True)
+        barrier()
+
+    def write_start(self, recipe_yaml: str, run_info: dict) -> None:
+        """``recipe.yaml`` and ``run.json`` (rank 0)."""
+        if self.rank == 0:
+            (self.path / "recipe.yaml").write_text(recipe_yaml)
+            (self.path / "run.json").write_text(json.dumps(run_info, indent=1))
+
+    def write_summary(self, summary: dict) -> None:
+        """``summary.json`` (rank 0)."""
+        if self.rank == 0:
+            (self.path / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    def mark_preempted(self, step: int) -> None:
+        """``PREEMPTED`` holding ``step`` (rank 0); the sbatch script requeues on it."""
+        if self.rank == 0:
+            (self.path / PREEMPTED_MARKER).write_text(f"{step}\n")
