@@ -15,9 +15,14 @@ from antlm_testutil import REPO
 
 PACKAGE_DIRS = {"antlm_dist": REPO / "antlm_dist", "antlm_dist.kernels": REPO / "kernels",
                 "antlm_dist.recipes": REPO / "recipes", "antlm_dist.ds_configs": REPO / "ds_configs"}
-CLI_MODULES = {"antlm_dist.cli", "antlm_dist.train", "antlm_dist.eval.cli", "antlm_dist.bench.cli", "antlm_dist.export"}
+CLI_MODULES = {"antlm_dist.cli", "antlm_dist.train", "antlm_dist.eval.cli", "antlm_dist.bench.cli", "antlm_dist.export",
+               "antlm_dist.study.cli"}
 """Modules that are console entry points (``antlm_dist.checkpoint`` has a small ``main`` too,
 but it is a library module first)."""
+COMMAND_PACKAGES = ("antlm_dist.bench", "antlm_dist.study")
+"""Packages that sit on top of the others and run their commands (antlm-bench times the
+trainer's step; antlm-study runs antlm-train, antlm-export and antlm-eval): they may import
+CLI modules, and only the console dispatcher ``antlm_dist.cli`` imports them."""
 
 
 def module_files() -> dict[str, Path]:
@@ -126,12 +131,13 @@ def test_no_import_cycle_between_modules():
 
 def test_nothing_imports_bench_and_no_library_module_imports_a_cli_module():
     graph = import_graph()
-    # antlm_dist.cli is the console-script dispatcher: it starts antlm-bench, nothing else may
-    into_bench = {m: sorted(d for d in deps if d.startswith("antlm_dist.bench"))
-                  for m, deps in graph.items() if not m.startswith("antlm_dist.bench") and m != "antlm_dist.cli"}
-    assert {m: d for m, d in into_bench.items() if d} == {}
+    for package in COMMAND_PACKAGES:
+        # antlm_dist.cli is the console-script dispatcher: it starts antlm-bench and antlm-study, nothing else may
+        into = {m: sorted(d for d in deps if d.startswith(package))
+                for m, deps in graph.items() if not m.startswith(package) and m != "antlm_dist.cli"}
+        assert {m: d for m, d in into.items() if d} == {}, package
     into_cli = {m: sorted(deps & CLI_MODULES) for m, deps in graph.items()
-                if m not in CLI_MODULES and not m.startswith("antlm_dist.bench")}
+                if m not in CLI_MODULES and not m.startswith(COMMAND_PACKAGES)}
     assert {m: d for m, d in into_cli.items() if d} == {}
     assert not graph["antlm_dist.train"] & (CLI_MODULES - {"antlm_dist.train"})
     assert not any(d.startswith("antlm_dist") for d in graph["antlm_dist.kernels.backend"])
