@@ -24,6 +24,9 @@ from antlm_dist.config import ConfigError
 from antlm_dist.distributed import barrier
 
 RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints")
+PREEMPT_EXIT_CODE = 75
+"""Exit status of a rank (and of antlm-train and antlm-study) that stopped on a preemption
+signal after checkpointing: EX_TEMPFAIL, "try again", the run continues with ``--resume``."""
 PREEMPTED_MARKER = "PREEMPTED"
 """Written into the run folder beside exit status 75, because torchrun reports any failed
 worker as exit status 1: launch/slurm/antlm.sbatch requeues when it finds this file.

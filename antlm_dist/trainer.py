@@ -41,7 +41,7 @@ from antlm_dist.distributed import (all_reduce_sum, build_ds_config, build_engin
 from antlm_dist.eval.heldout import evaluate_heldout
 from antlm_dist.metrics import MetricsWriter
 from antlm_dist.model import build_model
-from antlm_dist.run_folder import RunFolder
+from antlm_dist.run_folder import PREEMPT_EXIT_CODE, RunFolder
 from antlm_dist.schedule import (check_phase_agreement, format_schedule, parse_schedule, phase_for_step,
                                  total_epochs, total_steps)
 from antlm_dist.seeding import seed_model_init
@@ -49,9 +49,6 @@ from antlm_dist.telemetry import Telemetry
 from antlm_dist.telemetry.flops import FlopModel, mfu, peak_flops_per_device
 
 log = logging.getLogger("antlm_dist")
-
-PREEMPT_EXIT_CODE = 75
-"""Exit status after a signal-triggered checkpoint (EX_TEMPFAIL); the sbatch script requeues on it."""
 
 
 # ----------------------------------------------------------------------------- one optimizer step

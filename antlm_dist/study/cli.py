@@ -23,8 +23,6 @@ import signal
 import sys
 from pathlib import Path
 
-INTERRUPTED_EXIT_CODE = 75
-
 
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -59,7 +57,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def _plan_from_args(args: argparse.Namespace):
     """Validate everything and build the plan; raises ValueError subclasses with clear messages."""
-    from antlm_dist.config import load_recipe
+    from antlm_dist.config import load_recipe, parse_overrides
     from antlm_dist.study.plan import StudyError, StudyPlan, check_plan, normalise_schedules, parse_int_list
 
     for name in ("blimp_limit", "pll_limit", "blimp_batch_size", "nproc_per_node"):
@@ -69,12 +67,9 @@ def _plan_from_args(args: argparse.Namespace):
     if args.blimp is None and not args.no_blimp:
         raise StudyError("--blimp DIR is required (a folder of BLiMP *.jsonl files); pass --no-blimp to skip "
                          "BLiMP scoring")
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        raise StudyError(f"override {bad[0]!r} is not section.key=value")
-    for o in args.overrides:
-        if o.split("=", 1)[0].strip() in ("objective.schedule", "train.seed"):
-            raise StudyError(f"override {o!r}: the study sets objective.schedule and train.seed itself; "
+    for key, _ in parse_overrides(args.overrides):  # also refuses an override without '='
+        if key in ("objective.schedule", "train.seed"):
+            raise StudyError(f"override {key}=…: the study sets objective.schedule and train.seed itself; "
                              "use --schedules and --seeds")
     recipe = load_recipe(args.config, args.overrides)
     plan = StudyPlan(
@@ -115,8 +110,8 @@ def run_study(plan, out: Path, command: str) -> int:
     from tqdm.auto import tqdm
 
     from antlm_dist.study.report import write_report
-    from antlm_dist.study.runner import (RunFailed, StudyInterrupted, collect_result, execute_run, is_complete,
-                                         run_dir)
+    from antlm_dist.study.runner import (PREEMPT_EXIT_CODE, RunFailed, StudyInterrupted, collect_result, execute_run,
+                                         is_complete, run_dir)
 
     results, code = [], 0
     tty = sys.stderr.isatty()
@@ -143,10 +138,10 @@ def run_study(plan, out: Path, command: str) -> int:
             outer.update(1)
     except StudyInterrupted as exc:
         print(f"antlm-study: {exc}", file=sys.stderr)
-        code = INTERRUPTED_EXIT_CODE
+        code = PREEMPT_EXIT_CODE
     except KeyboardInterrupt:  # outside training: the stage in progress is simply redone on the rerun
         print("antlm-study: interrupted; rerun the same command to continue", file=sys.stderr)
-        code = INTERRUPTED_EXIT_CODE
+        code = PREEMPT_EXIT_CODE
     except RunFailed as exc:
         print(f"antlm-study: error: {exc}", file=sys.stderr)
         code = 1

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from antlm_dist.config import load_recipe
+from antlm_dist.config import load_recipe, parse_overrides
 from antlm_dist.schedule import format_schedule, parse_schedule, total_epochs
 
 PLAN_FILE = "study_plan.json"
@@ -70,7 +70,7 @@ class StudyPlan:
 
     def run_overrides(self, run: RunSpec, cache_dir: Path) -> list[str]:
         """The overrides antlm-train gets for ``run``: the study's, then schedule and seed."""
-        extra = [] if any(o.split("=", 1)[0].strip() == "data.cache_dir" for o in self.overrides) \
+        extra = [] if any(key == "data.cache_dir" for key, _ in parse_overrides(self.overrides)) \
             else [f"data.cache_dir={cache_dir}"]
         return [*self.overrides, *extra, f"objective.schedule={run.schedule}", f"train.seed={run.seed}"]
 

@@ -28,11 +28,11 @@ import sys
 import time
 from pathlib import Path
 
+from antlm_dist.run_folder import PREEMPT_EXIT_CODE
 from antlm_dist.study.plan import RunSpec, StudyPlan
 
 RESULT_FILE = "result.json"
 STAGES_FILE = "stages.json"
-PREEMPT_EXIT_CODE = 75  # antlm-train's exit status after a preemption checkpoint
 _STOP_WAIT_S = 180.0  # how long the ranks get to write their preemption checkpoint
 
 
