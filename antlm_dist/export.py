@@ -1,13 +1,22 @@
 """``antlm-export``: a DeepSpeed checkpoint of any ZeRO stage and world size → a Hugging Face folder.
 
-The exported folder loads offline with ``transformers.LlamaForCausalLM.from_pretrained``
-and ``AutoTokenizer.from_pretrained``, and back into our own model with
-:func:`load_pretrained` (for continued training or bidirectional, MLM-mode scoring)::
+The exported folder loads offline through ``AutoModelForCausalLM``, ``AutoModelForMaskedLM``,
+``AutoModel`` and ``AutoModelForSequenceClassification`` with ``trust_remote_code=True``
+(:mod:`antlm_dist.model.hf_auto` gives the mask and output of each), through
+``AutoTokenizer.from_pretrained``, and back into our own model with :func:`load_pretrained`
+(for continued training or scoring)::
 
-    <out>/config.json              LlamaConfig + ``antlm`` (schedule, step, version, recipe, tokenizer hash)
-    <out>/generation_config.json   bos/eos/pad ids of the run's tokenizer
-    <out>/model.safetensors        fp32 weights, HF Llama parameter names
-    <out>/tokenizer.json, tokenizer_config.json
+    <out>/config.json              HF config + ``auto_map`` + ``mlm_target`` + ``antlm`` (schedule, step,
+                                   version, recipe, tokenizer hash)
+    <out>/hf_auto.py               the model code ``auto_map`` points to (it imports antlm_dist)
+    <out>/generation_config.json   bos/eos/pad ids of the run's tokenizer (llama)
+    <out>/model.safetensors        fp32 weights, the trainer's (= HF Llama) parameter names
+    <out>/tokenizer.json, tokenizer_config.json   pad, bos, eos, unk and mask tokens declared
+
+``mlm_target`` is the recipe's ``objective.mlm_target``: ``same_position`` (BERT-style MLM:
+a masked token is scored where it stands, the BabyLM 2025 pipeline's ``mlm`` backend) or
+``next_position`` (MNTP: token i is scored at position i-1, its ``mntp`` backend). Every
+recipe with CLM phases also scores with the ``causal`` backend.
 
 Weights: ZeRO keeps fp32 master weights partitioned over ranks (in the optimizer state
 files); DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` merges them on CPU,
@@ -19,10 +28,10 @@ module state in ``mp_rank_00_model_states.pt``.
 (the trainer's initialisation: :func:`antlm_dist.seeding.seed_model_init` for rank 0, then
 ``build_model``), recorded as step 0: the baseline for zero-shot evaluations.
 
-Backbones: ``llama`` (``LlamaForCausalLM``) and ``ltg_bert``
-(:class:`antlm_dist.model.ltg_bert_hf.LtgBertHFForMaskedLM`, with the model code copied
-into the folder for ``AutoModelForMaskedLM.from_pretrained(out, trust_remote_code=True)``).
-:data:`HF_CONFIG_BUILDERS` is the place to add another backbone.
+Backbones: ``llama`` (``model_type: llama``: without ``trust_remote_code``, HF's own
+``LlamaForCausalLM`` loads it too) and ``ltg_bert`` (``model_type: antlm_ltg_bert``).
+:data:`HF_CONFIG_BUILDERS` and :data:`antlm_dist.model.hf_auto.AUTO_CLASSES` are the places
+to add another backbone.
 """
 from __future__ import annotations
 
@@ -41,6 +50,8 @@ from antlm_dist.config import ModelConfig, Recipe, recipe_from_dict
 
 ANTLM_CONFIG_KEY = "antlm"
 """Key in ``config.json`` under which the AntLM metadata is stored (a dict)."""
+MLM_TARGET_KEY = "mlm_target"
+"""Key in ``config.json``: the recipe's ``objective.mlm_target`` (``same_position`` or ``next_position``)."""
 
 
 class ExportError(ValueError):
@@ -128,13 +139,13 @@ def _llama_hf_model(cfg):
 
 
 def _ltg_bert_hf_config(m: ModelConfig, tok):
-    from antlm_dist.model.ltg_bert_hf import hf_config_from_model_config
+    from antlm_dist.model.hf_auto import hf_config_from_model_config
 
     return hf_config_from_model_config(m, tok)
 
 
 def _ltg_bert_hf_model(cfg):
-    from antlm_dist.model.ltg_bert_hf import LtgBertHFForMaskedLM
+    from antlm_dist.model.hf_auto import LtgBertHFForMaskedLM
 
     return LtgBertHFForMaskedLM(cfg)
 
@@ -157,7 +168,9 @@ def _builders(arch: str):
 
 def write_hf_folder(out: Path, recipe: Recipe, state_dict: dict[str, torch.Tensor], tokenizer_dir: Path,
                     meta: dict, *, overwrite: bool = False) -> Path:
-    """Write config, fp32 safetensors weights, generation config and tokenizer into ``out``.
+    """Write config, fp32 safetensors weights, generation config, tokenizer and the model code
+    (``hf_auto.py``, named by the config's ``auto_map``) into ``out``; ``config.json`` also gets
+    ``mlm_target`` (the recipe's ``objective.mlm_target``).
 
     Args:
         out: the folder to create (must be absent or empty unless ``overwrite``).
@@ -178,6 +191,7 @@ def write_hf_folder(out: Path, recipe: Recipe, state_dict: dict[str, torch.Tenso
     from transformers import GenerationConfig
 
     from antlm_dist.data.tokenizer import check_vocab_matches, load_tokenizer, tokenizer_hash
+    from antlm_dist.model import hf_auto
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -192,8 +206,10 @@ def write_hf_folder(out: Path, recipe: Recipe, state_dict: dict[str, torch.Tenso
         "antlm_dist_version": __version__, "arch": recipe.model.arch,
         "tokenizer_hash": tokenizer_hash(Path(tokenizer_dir) / "tokenizer.json"
                                          if Path(tokenizer_dir).is_dir() else tokenizer_dir),
-        **meta, "recipe": recipe.to_dict(),
+        MLM_TARGET_KEY: recipe.objective.mlm_target, **meta, "recipe": recipe.to_dict(),
     })
+    setattr(config, MLM_TARGET_KEY, recipe.objective.mlm_target)  # top level: read by backend choosers
+    config.auto_map = hf_auto.auto_map(recipe.model.arch)
     hf_model = build_model(config)
     try:
         hf_model.load_state_dict(state_dict, strict=True)
@@ -204,6 +220,7 @@ def write_hf_folder(out: Path, recipe: Recipe, state_dict: dict[str, torch.Tenso
     tok.model_max_length = recipe.model.max_position_embeddings
     out.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(str(out))
+    shutil.copyfile(hf_auto.__file__, out / Path(hf_auto.__file__).name)  # the code auto_map names
     tok.save_pretrained(str(out))
     return out
 
@@ -267,19 +284,6 @@ def _read_hf_config(folder: Path | str) -> dict:
     return json.loads(f.read_text())
 
 
-def _model_config_from_hf(cfg: dict) -> ModelConfig:
-    """A ModelConfig from HF Llama fields (for folders without AntLM metadata)."""
-    rope = cfg.get("rope_parameters") or {}
-    return ModelConfig(
-        arch="llama", vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg.get("num_key_value_heads"),
-        max_position_embeddings=cfg["max_position_embeddings"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-        initializer_range=cfg.get("initializer_range", 0.02),
-    )
-
-
 def load_pretrained(folder: Path | str, device: str | torch.device = "cpu"):
     """Load an exported folder into our model, in eval mode, fp32.
 
@@ -310,7 +314,9 @@ def load_pretrained(folder: Path | str, device: str | torch.device = "cpu"):
     if "recipe" in meta:
         model_cfg = recipe_from_dict(meta["recipe"]).model
     elif hf_cfg.get("model_type") == "llama":
-        model_cfg = _model_config_from_hf(hf_cfg)
+        from antlm_dist.model.hf_auto import llama_model_config
+
+        model_cfg = llama_model_config(hf_cfg)
     else:
         raise ValueError(f"{folder}: model_type={hf_cfg.get('model_type')!r} is not supported; export a llama run")
     if model_cfg.arch not in HF_CONFIG_BUILDERS:

@@ -341,7 +341,8 @@ def test_blimp_cli_both_modes(exported, tmp_path, capsys):
     # the JSON agrees with the scoring functions
     model, tok = load_pretrained(exported["zero2"])
     pairs = read_blimp(data, 2)
-    direct = summarize(pairs, score_pairs(model, tok, pairs, "mlm", batch_size=3)["correct"])
+    scored = score_pairs(model, tok, pairs, "mlm", batch_size=3)
+    direct = summarize(pairs, scored["correct"], scored["tie"])
     assert direct == rep["results"]["mlm"]
     md = out.with_suffix(".md").read_text()
     assert "| **overall** (mean over 2 UIDs) | 4 |" in md and "MLM (PLL)" in md and "| agr | 2 |" in md

@@ -298,7 +298,7 @@ def test_export_loads_offline_through_the_auto_classes(wordpiece_tokenizer, tmp_
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     from antlm_dist.export import write_hf_folder
-    from antlm_dist.model.ltg_bert_hf import LtgBertHFForMaskedLM
+    from antlm_dist.model.hf_auto import LtgBertHFForMaskedLM
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = load_recipe("ltg-bert-demo-cpu", ["model.vocab_size=512", "model.hidden_size=32",

@@ -1,4 +1,4 @@
-"""Zero-shot minimal-pair scoring (BLiMP, Warstadt et al. 2020, TACL) in CLM and MLM mode.
+"""Zero-shot minimal-pair scoring (BLiMP, Warstadt et al. 2020, TACL) in CLM, MLM and MNTP mode.
 
 A pair is correct when score(good) > score(bad) (a tie counts as wrong). Two scores,
 both log-probabilities in nats summed over the sentence's word-piece tokens
@@ -14,6 +14,26 @@ w1..wn (``tokenizer(sentence, add_special_tokens=False)``):
   Salazar et al. use, with our tokenizer's specials); each word-piece token is replaced
   by ``<mask>`` in its own copy, the specials are never masked nor scored. All n copies
   of every sentence are batched together (rows sorted by length to limit padding).
+
+Two variants of the masked scores (``pll_metric``, Kauf & Ivanova 2023, "A Better Way
+to Do Masked Language Model Scoring", ACL; the names of minicons' ``PLL_metric``):
+
+* ``original``: only w_i is masked (Salazar et al. 2020).
+* ``within_word_l2r``: w_i and the later pieces of the same word are masked, so a word
+  split into pieces is not scored from its own right-hand pieces. Words are the
+  tokenizer's word ids (``BatchEncoding.word_ids``), as in minicons. A word of one piece
+  scores as in ``original``.
+
+**MNTP** (``mntp_scores``; models trained with ``objective.mlm_target=next_position``,
+masked next-token prediction as in GPT-BERT, Charpentier & Samuel 2024): the same masked
+copies, but the score of w_i is read from the logits at position i-1 (the hidden state
+that was trained to predict the token after it), as the BabyLM 2025 pipeline's ``mntp``
+backend does. w1 is read at the ``<s>``.
+
+Ties: :func:`score_pairs` also reports pairs whose two scores are equal; a model that
+gives identical scores (e.g. one that ignores its input) must not look good, so a tie
+counts as wrong and the number of ties is reported beside the accuracy (Păpușoi &
+Nisioi 2025).
 
 The context token before the sentence is ``<s>`` by default; ``prefix_id`` changes it
 (e.g. to ``</s>``, the separator the trainer's packed streams put before every line).
@@ -226,82 +246,156 @@ def clm_scores(model, tokenizer, sentences: Sequence[str], *, batch_size: int = 
     return scores
 
 
+PLL_METRICS = ("original", "within_word_l2r")
+"""The masking variants of :func:`pll_scores` and :func:`mntp_scores` (see the module docstring)."""
+
+
+def _later_pieces_of_word(word_ids: Sequence[int | None], j: int) -> list[int]:
+    """Positions after ``j`` that belong to the same word as ``j`` (word pieces are contiguous)."""
+    out, k = [], j + 1
+    while k < len(word_ids) and word_ids[j] is not None and word_ids[k] == word_ids[j]:
+        out.append(k)
+        k += 1
+    return out
+
+
+def _masked_copies(tokenizer, sentences: Sequence[str], prefix: int, pll_metric: str) -> tuple[list, list]:
+    """Wrapped ids ``[prefix] w1..wn [</s>]`` per sentence, and one row per scored token:
+    (sentence index, scored position j in 1..n, positions to mask: j and, for
+    ``within_word_l2r``, the later pieces of its word)."""
+    if pll_metric not in PLL_METRICS:
+        raise ValueError(f"pll_metric={pll_metric!r}; use one of {', '.join(PLL_METRICS)}")
+    enc = tokenizer(list(sentences), add_special_tokens=False)
+    seqs, rows = [], []
+    for i, pieces in enumerate(enc["input_ids"]):
+        seqs.append([prefix] + pieces + [tokenizer.eos_token_id])
+        words = [None] + enc.word_ids(i) + [None]  # aligned to the wrapped sequence
+        for j in range(1, len(pieces) + 1):
+            extra = _later_pieces_of_word(words, j) if pll_metric == "within_word_l2r" else []
+            rows.append((i, j, [j] + extra))
+    return seqs, rows
+
+
+def _masked_scores(model, tokenizer, sentences, *, batch_size, prefix_id, sources, progress, masked_rows_only,
+                   pll_metric, read_offset: int) -> list[float]:
+    """Σ over each sentence's rows of log p(w_j) read at position j + ``read_offset`` (0: MLM, -1: MNTP)."""
+    prefix = tokenizer.bos_token_id if prefix_id is None else prefix_id
+    seqs, rows = _masked_copies(tokenizer, sentences, prefix, pll_metric)
+    _check_lengths(seqs, 2, _max_positions(model), sources)
+    device = _device_of(model)
+    rows.sort(key=lambda r: len(seqs[r[0]]))  # similar lengths together: less padding
+    scores = [0.0] * len(seqs)
+    title = ("MNTP" if read_offset else "MLM") + (" (PLL)" if pll_metric == "original" else " (PLL-word-l2r)")
+    with _progress(len(rows), title, progress) as bar:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            ids, mask = _pad([seqs[i] for i, _, _ in chunk], tokenizer.pad_token_id, device)  # (R, T)
+            r = torch.arange(len(chunk), device=device)
+            pos = torch.as_tensor([j for _, j, _ in chunk], device=device)  # (R,) scored positions
+            targets = ids[r, pos].clone()  # (R,)
+            hide_r = [b for b, (_, _, m) in enumerate(chunk) for _ in m]
+            hide_t = [t for _, _, m in chunk for t in m]
+            ids[hide_r, hide_t] = tokenizer.mask_token_id
+            logits = _logits_at(model, ids, mask, r, pos + read_offset, masked_rows_only)  # (R, V)
+            logp = torch.log_softmax(_at_least_fp32(logits), dim=-1)
+            for (i, _, _), lp in zip(chunk, logp.gather(-1, targets[:, None]).squeeze(-1).double().tolist()):
+                scores[i] += lp
+            bar.update(len(chunk))
+    return scores
+
+
 @torch.no_grad()
 def pll_scores(model, tokenizer, sentences: Sequence[str], *, batch_size: int = 256, prefix_id: int | None = None,
                sources: Sequence[str] | None = None, progress: bool = False,
-               masked_rows_only: bool = True) -> list[float]:
-    """Pseudo-log-likelihoods (Salazar et al. 2020), nats, one per sentence.
+               masked_rows_only: bool = True, pll_metric: str = "original") -> list[float]:
+    """Pseudo-log-likelihoods (Salazar et al. 2020; ``within_word_l2r``: Kauf & Ivanova 2023), nats.
 
     PLL(w) = Σ_i log p(w_i | prefix w_<i <mask> w_>i </s>), bidirectional attention
-    (``causal=False``), one masked copy per word-piece token; copies of all sentences are
-    batched together.
+    (``causal=False``), one masked copy per word-piece token; with ``within_word_l2r``
+    the later pieces of w_i's word are masked too. Copies of all sentences are batched
+    together.
 
     Args:
         model: ``forward(input_ids, attention_mask, *, causal=False)`` → logits (B, T, V).
-        tokenizer: needs ``mask_token_id``, ``eos_token_id``, ``pad_token_id``, ``bos_token_id``.
+        tokenizer: a fast tokenizer (``word_ids``) with ``mask_token_id``, ``eos_token_id``,
+            ``pad_token_id``, ``bos_token_id``.
         batch_size: masked copies per forward pass.
         prefix_id: context token before the sentence (default ``<s>``).
         sources: labels for error messages.
-        masked_rows_only: run the LM head on the masked row of each copy only (see
+        masked_rows_only: run the LM head on the scored row of each copy only (see
             :func:`_logits_at`); ``False`` computes the full (R, T, V) logits, for comparison.
+        pll_metric: ``original`` or ``within_word_l2r``.
 
     Returns:
         S floats (≤ 0). An empty sentence scores 0.
 
     Raises:
         SentenceTooLongError: n + 2 > ``model.config.max_position_embeddings``.
+        ValueError: unknown ``pll_metric``.
     """
-    prefix = tokenizer.bos_token_id if prefix_id is None else prefix_id
-    seqs = [[prefix] + s + [tokenizer.eos_token_id] for s in encode(tokenizer, sentences)]
-    _check_lengths(seqs, 2, _max_positions(model), sources)
-    device = _device_of(model)
-    # one row per (sentence, masked position); positions 1..n hold the word pieces
-    rows = sorted(((i, j) for i, s in enumerate(seqs) for j in range(1, len(s) - 1)), key=lambda r: len(seqs[r[0]]))
-    scores = [0.0] * len(seqs)
-    with _progress(len(rows), "MLM (PLL)", progress) as bar:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            ids, mask = _pad([seqs[i] for i, _ in chunk], tokenizer.pad_token_id, device)  # (R, T)
-            r = torch.arange(len(chunk), device=device)
-            pos = torch.as_tensor([j for _, j in chunk], device=device)  # (R,)
-            targets = ids[r, pos].clone()  # (R,)
-            ids[r, pos] = tokenizer.mask_token_id
-            logits = _logits_at(model, ids, mask, r, pos, masked_rows_only)  # (R, V)
-            logp = torch.log_softmax(_at_least_fp32(logits), dim=-1)
-            for (i, _), lp in zip(chunk, logp.gather(-1, targets[:, None]).squeeze(-1).double().tolist()):
-                scores[i] += lp
-            bar.update(len(chunk))
-    return scores
+    return _masked_scores(model, tokenizer, sentences, batch_size=batch_size, prefix_id=prefix_id, sources=sources,
+                          progress=progress, masked_rows_only=masked_rows_only, pll_metric=pll_metric, read_offset=0)
 
 
-SCORERS = {"clm": clm_scores, "mlm": pll_scores}
-"""Mode → scoring function, both with the signature of :func:`clm_scores`."""
+@torch.no_grad()
+def mntp_scores(model, tokenizer, sentences: Sequence[str], *, batch_size: int = 256, prefix_id: int | None = None,
+                sources: Sequence[str] | None = None, progress: bool = False,
+                masked_rows_only: bool = True, pll_metric: str = "original") -> list[float]:
+    """Masked next-token pseudo-log-likelihoods, nats: for models trained with
+    ``objective.mlm_target=next_position`` (MNTP, GPT-BERT, Charpentier & Samuel 2024).
+
+    Σ_i log p(w_i) read from the bidirectional logits at position i-1 of the copy
+    ``prefix w_<i <mask> w_>i </s>`` (w_1 is read at ``prefix``), the BabyLM 2025
+    pipeline's ``mntp`` backend. Arguments, returns and errors as :func:`pll_scores`.
+    """
+    return _masked_scores(model, tokenizer, sentences, batch_size=batch_size, prefix_id=prefix_id, sources=sources,
+                          progress=progress, masked_rows_only=masked_rows_only, pll_metric=pll_metric, read_offset=-1)
+
+
+SCORERS = {"clm": clm_scores, "mlm": pll_scores, "mntp": mntp_scores}
+"""Mode → scoring function, all with the signature of :func:`clm_scores` (the masked ones
+also take ``pll_metric``)."""
 
 
 def score_pairs(model, tokenizer, pairs: Sequence[MinimalPair], mode: str, *, batch_size: int,
-                prefix_id: int | None = None, progress: bool = False) -> dict:
+                prefix_id: int | None = None, progress: bool = False, pll_metric: str = "original") -> dict:
     """Score both sentences of every pair in one batched pass.
 
+    Args:
+        mode: ``clm``, ``mlm`` or ``mntp`` (:data:`SCORERS`).
+        pll_metric: for ``mlm`` and ``mntp``: ``original`` or ``within_word_l2r``.
+
     Returns:
-        ``{"good": [P floats], "bad": [P floats], "correct": [P bools]}`` (nats).
+        ``{"good": [P floats], "bad": [P floats], "correct": [P bools], "tie": [P bools]}``
+        (nats; a tie, good == bad, is not correct).
 
     Raises:
-        ValueError: unknown ``mode``; SentenceTooLongError.
+        ValueError: unknown ``mode`` or ``pll_metric`` (``clm`` takes only ``original``);
+            SentenceTooLongError.
     """
     if mode not in SCORERS:
         raise ValueError(f"mode={mode!r}; use one of {', '.join(SCORERS)}")
+    if pll_metric not in PLL_METRICS or (mode == "clm" and pll_metric != "original"):
+        raise ValueError(f"pll_metric={pll_metric!r} with mode={mode!r}; use one of {', '.join(PLL_METRICS)} "
+                         "with mlm or mntp, and original with clm")
     sentences = [p.good for p in pairs] + [p.bad for p in pairs]
     sources = [f"{p.source} (sentence_good)" for p in pairs] + [f"{p.source} (sentence_bad)" for p in pairs]
+    extra = {} if mode == "clm" else {"pll_metric": pll_metric}
     s = SCORERS[mode](model, tokenizer, sentences, batch_size=batch_size, prefix_id=prefix_id, sources=sources,
-                      progress=progress)
+                      progress=progress, **extra)
     good, bad = s[: len(pairs)], s[len(pairs) :]
-    return {"good": good, "bad": bad, "correct": [g > b for g, b in zip(good, bad)]}
+    return {"good": good, "bad": bad, "correct": [g > b for g, b in zip(good, bad)],
+            "tie": [g == b for g, b in zip(good, bad)]}
 
 
 # ----------------------------------------------------------------------------- aggregating
 
-def summarize(pairs: Sequence[MinimalPair], correct: Sequence[bool]) -> dict:
+def summarize(pairs: Sequence[MinimalPair], correct: Sequence[bool], ties: Sequence[bool] | None = None) -> dict:
     """Accuracy per UID, and means over UIDs per linguistics_term, per field and overall.
+
+    Args:
+        ties: per pair, whether its two scores were equal (:func:`score_pairs`); when given,
+            ``"ties"`` (a count) is added overall and per UID.
 
     Returns:
         ``{"overall": mean of UID accuracies, "pair_accuracy": correct / pairs,
@@ -326,11 +420,18 @@ def summarize(pairs: Sequence[MinimalPair], correct: Sequence[bool]) -> dict:
                     "pairs": sum(by_uid[u]["pairs"] for u in us)} for g, us in sorted(acc.items())}
 
     n = len(correct)
-    return {
+    out = {
         "overall": sum(r["accuracy"] for r in by_uid.values()) / len(by_uid) if by_uid else math.nan,
         "pair_accuracy": sum(map(bool, correct)) / n if n else math.nan, "pairs": n,
         "by_field": group("field"), "by_term": group("linguistics_term"), "by_uid": by_uid,
     }
+    if ties is not None:
+        out["ties"] = sum(map(bool, ties))
+        for u in by_uid:
+            by_uid[u]["ties"] = 0
+        for p, t in zip(pairs, ties):
+            by_uid[p.uid]["ties"] += bool(t)
+    return out
 
 
 def format_markdown(columns: dict[str, dict]) -> str:

@@ -2,14 +2,18 @@
 
 Subcommands::
 
-    antlm-eval blimp   --model DIR --data DIR --mode clm|mlm|both --out FILE.json
-                       [--limit N] [--batch-size B] [--device cpu|cuda] [--prefix bos|eos]
+    antlm-eval blimp   --model DIR --data DIR --mode clm|mlm|mntp|both --out FILE.json
+                       [--pll-metric original|within_word_l2r] [--limit N] [--batch-size B]
+                       [--device cpu|cuda] [--prefix bos|eos]
     antlm-eval heldout --model DIR --corpus DIR|bundled [--max-blocks N] [--out FILE.json]
     antlm-eval compare A.json B.json ... [--names a b ...] [--out FILE.md]
 
 ``--model`` is a folder written by ``antlm-export`` (see :mod:`antlm_dist.export`). The
 BLiMP scores are defined in :mod:`antlm_dist.eval.blimp` (CLM: summed log p(w | <s>);
-MLM: pseudo-log-likelihood, Salazar et al. 2020); ``heldout`` reuses the trainer's own
+MLM: pseudo-log-likelihood, Salazar et al. 2020, or its ``within_word_l2r`` variant, Kauf
+& Ivanova 2023; MNTP: the same read at position i-1, for ``next_position`` models); each
+mode's number of tied pairs (equal scores, counted wrong) is printed and stored as
+``results.<mode>.ties``; ``heldout`` reuses the trainer's own
 :func:`antlm_dist.eval.heldout.evaluate_heldout`, so its numbers equal the trainer's
 evaluations of the same weights and blocks.
 """
@@ -26,7 +30,13 @@ import torch
 
 from antlm_dist.eval.blimp import format_markdown, read_blimp, score_pairs, summarize
 
-MODE_TITLES = {"clm": "CLM", "mlm": "MLM (PLL)"}
+MODE_TITLES = {"clm": "CLM", "mlm": "MLM (PLL)", "mntp": "MNTP (PLL)"}
+
+
+def mode_title(mode: str, pll_metric: str = "original") -> str:
+    """Column title of a mode, e.g. ``MLM (PLL)`` or ``MLM (PLL-word-l2r)``."""
+    title = MODE_TITLES[mode]
+    return title if mode == "clm" or pll_metric == "original" else title.replace("(PLL)", "(PLL-word-l2r)")
 
 
 def _device(name: str) -> torch.device:
@@ -51,25 +61,35 @@ def run_blimp(args: argparse.Namespace) -> dict:
     model, tok = load_pretrained(args.model, device)
     prefix_id = {"bos": tok.bos_token_id, "eos": tok.eos_token_id}[args.prefix]
     modes = ["clm", "mlm"] if args.mode == "both" else [args.mode]
-    results, wall = {}, {}
+    meta = read_antlm_meta(args.model)
+    if "mlm" in modes and meta.get("mlm_target") == "next_position":
+        print("antlm-eval: note: this model was trained with objective.mlm_target=next_position; "
+              "--mode mntp reads its masked predictions where they were trained", file=sys.stderr)
+    results, wall, per_pair = {}, {}, []
     for mode in modes:
         t0 = time.perf_counter()
+        metric = "original" if mode == "clm" else args.pll_metric
         scored = score_pairs(model, tok, pairs, mode, batch_size=args.batch_size, prefix_id=prefix_id,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, pll_metric=metric)
         wall[mode] = time.perf_counter() - t0
-        results[mode] = summarize(pairs, scored["correct"])
-        print(f"{MODE_TITLES[mode]}: {100 * results[mode]['overall']:.1f}% over {len(pairs)} pairs "
-              f"({wall[mode]:.1f} s)", file=sys.stderr)
-    meta = read_antlm_meta(args.model)
+        results[mode] = summarize(pairs, scored["correct"], scored["tie"])
+        per_pair += [{"mode": mode, "source": p.source, "uid": p.uid, "good": g, "bad": b, "tie": t}
+                     for p, g, b, t in zip(pairs, scored["good"], scored["bad"], scored["tie"])]
+        print(f"{mode_title(mode, metric)}: {100 * results[mode]['overall']:.1f}% over {len(pairs)} pairs, "
+              f"{results[mode]['ties']} tied (counted wrong) ({wall[mode]:.1f} s)", file=sys.stderr)
     report = {
         "model": str(args.model), "data": str(args.data), "modes": modes, "limit": args.limit,
-        "prefix": args.prefix, "batch_size": args.batch_size, "device": str(device), "pairs": len(pairs),
+        "prefix": args.prefix, "pll_metric": args.pll_metric, "batch_size": args.batch_size, "device": str(device),
+        "pairs": len(pairs),
         "wall_time_s": wall, "torch_threads": torch.get_num_threads(),
         "antlm": {k: v for k, v in meta.items() if k != "recipe"}, "results": results,
     }
     out = Path(args.out)
     _write_json(out, report)
-    md = format_markdown({MODE_TITLES[m]: results[m] for m in modes})
+    if args.scores_out:
+        Path(args.scores_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.scores_out).write_text("".join(json.dumps(r) + "\n" for r in per_pair))
+    md = format_markdown({mode_title(m, args.pll_metric): results[m] for m in modes})
     out.with_suffix(".md").write_text(md)
     print(md)
     return report
@@ -126,7 +146,7 @@ def run_compare(args: argparse.Namespace) -> str:
     for name, f in zip(names, args.results):
         rep = json.loads(Path(f).read_text())
         for mode in rep["modes"]:
-            title = f"{name} {MODE_TITLES[mode]}"
+            title = f"{name} {mode_title(mode, rep.get('pll_metric', 'original'))}"
             if title in columns:
                 raise ValueError(f"two columns would be called {title!r}; give distinct --names")
             columns[title] = rep["results"][mode]
@@ -146,9 +166,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("blimp", help="zero-shot BLiMP minimal pairs (Warstadt et al. 2020) in CLM and/or MLM mode")
     b.add_argument("--model", required=True, help="folder written by antlm-export")
     b.add_argument("--data", required=True, help="folder of BLiMP *.jsonl files (or one file)")
-    b.add_argument("--mode", choices=("clm", "mlm", "both"), default="both",
-                   help="clm: summed log p(sentence | <s>); mlm: pseudo-log-likelihood (Salazar et al. 2020)")
+    b.add_argument("--mode", choices=("clm", "mlm", "mntp", "both"), default="both",
+                   help="clm: summed log p(sentence | <s>); mlm: pseudo-log-likelihood (Salazar et al. 2020); "
+                        "mntp: the PLL read at position i-1 (models trained with objective.mlm_target="
+                        "next_position); both: clm and mlm")
+    b.add_argument("--pll-metric", choices=("original", "within_word_l2r"), default="original",
+                   help="masking of mlm/mntp: original (one token) or within_word_l2r (also the later pieces "
+                        "of the same word, Kauf & Ivanova 2023)")
     b.add_argument("--out", required=True, help="results JSON; a Markdown table is written beside it (.md)")
+    b.add_argument("--scores-out", default=None,
+                   help="also write every pair's two scores (nats) as JSON lines: mode, source, uid, good, bad, tie")
     b.add_argument("--limit", type=int, default=None, help="first N pairs of each file (default: all)")
     b.add_argument("--batch-size", type=int, default=256,
                    help="sequences per forward pass (MLM: masked copies) (default: 256)")
