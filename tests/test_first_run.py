@@ -305,3 +305,33 @@ with torch.no_grad():
     proc = _fresh_python(code)
     assert_ok(proc)
     assert float(proc.stdout.strip().splitlines()[-1]) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl and keep_last
+
+def test_checkpoints_removed_by_keep_last_are_recorded(tmp_path):
+    """Every ``checkpoint`` record whose folder keep_last removed is followed by a
+    ``checkpoint_deleted`` record for it; the folders left are exactly the unannounced ones."""
+    from antlm_dist.config import load_recipe
+    from antlm_dist.metrics import MetricsWriter, read_metrics
+    from antlm_dist.run_folder import RunFolder
+    from antlm_dist.trainer import Trainer
+
+    class Engine:  # writes a tag folder as DeepSpeed's save_checkpoint does
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            (Path(save_dir) / tag).mkdir(parents=True)
+
+    trainer = object.__new__(Trainer)  # only what save() reads
+    trainer.recipe = load_recipe("demo-cpu", ["checkpoint.keep_last=2"])
+    trainer.run, trainer.engine = RunFolder(tmp_path), Engine()
+    trainer.metrics = MetricsWriter(tmp_path / "metrics.jsonl", enabled=True)
+    trainer.client_state = lambda step: {"step": step}
+    for step in (4, 8, 12, 16):
+        trainer.save(step)
+    trainer.metrics.close()
+    saved = [r["path"] for r in read_metrics(tmp_path / "metrics.jsonl", "checkpoint")]
+    deleted = read_metrics(tmp_path / "metrics.jsonl", "checkpoint_deleted")
+    on_disk = sorted(str(p) for p in (tmp_path / "checkpoints").glob("step*"))
+    assert [(r["step"], Path(r["path"]).name) for r in deleted] == [(12, "step00000004"), (16, "step00000008")]
+    assert sorted(set(saved) - {r["path"] for r in deleted}) == on_disk == saved[2:]
+    assert all(r["reason"] == "checkpoint.keep_last=2" for r in deleted)
