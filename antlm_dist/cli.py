@@ -14,18 +14,24 @@ def _under_launcher() -> bool:
 def train_main(argv: list[str] | None = None) -> int:
     """``antlm-train``. Under a launcher it is one rank; started alone it starts
     ``distributed.nproc_per_node`` local ranks (2 by default) with ``torchrun --standalone``.
-    The recipe is validated here first, so a bad recipe fails before any rank starts."""
-    from antlm_dist.train import PREFLIGHT_DONE_ENV, build_arg_parser, main, preflight
+    The recipe is validated here first, so a bad recipe fails before any rank starts.
+    ``--print-config`` and ``--dry-run`` stop after the checks (see :mod:`antlm_dist.dry_run`)."""
+    from antlm_dist.train import PREFLIGHT_DONE_ENV, main, parse_args, preflight
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if _under_launcher():
         return main(argv)
-    args = build_arg_parser().parse_intermixed_args(argv)
+    args = parse_args(argv)  # --help and usage errors exit here, before torch is imported
     try:
         from antlm_dist.config import load_recipe
 
         nproc = args.nproc_per_node or load_recipe(args.config, args.overrides).distributed.nproc_per_node
-        preflight(args, nproc)
+        if args.print_config:
+            return _print_config(args, nproc)
+        _say_if_creating(args.output_dir)
+        recipe, corpus = preflight(args, nproc)
+        if args.dry_run:
+            return _dry_run(args, recipe, corpus, nproc)
     except ValueError as exc:  # ConfigError, CorpusError, ScheduleError, TokenizerError
         print(f"antlm-train: error: {exc}", file=sys.stderr)
         return 2
@@ -37,6 +43,41 @@ def train_main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, **{PREFLIGHT_DONE_ENV: "1"})  # the ranks skip the checks done here (corpus read once)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.call(cmd, env=env)
+
+
+def _print_config(args, nproc: int) -> int:
+    from antlm_dist.config import load_recipe
+    from antlm_dist.distributed import build_ds_config
+    from antlm_dist.dry_run import print_config
+    from antlm_dist.train import device_kind
+
+    recipe = load_recipe(args.config, args.overrides)
+    device = device_kind()
+    print_config(recipe, build_ds_config(recipe, nproc, device, recipe_source=str(args.config)), nproc,
+                 device.type, str(args.config))
+    return 0
+
+
+def _say_if_creating(output_dir: str) -> None:
+    """A run folder whose parent is missing is created with its parents; say so, since a typo
+    in the path would otherwise go unnoticed until the run is looked for."""
+    from pathlib import Path
+
+    parent = Path(output_dir).expanduser().absolute().parent
+    if not parent.exists():
+        print(f"antlm-train: note: {parent} does not exist; it is created for --output-dir", file=sys.stderr)
+
+
+def _dry_run(args, recipe, corpus, nproc: int) -> int:
+    import logging
+
+    from antlm_dist.dry_run import dry_run, format_dry_run
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("datasets", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    print(format_dry_run(dry_run(recipe, corpus, args.output_dir, nproc, args.overwrite), recipe.data.seq_len))
+    return 0
 
 
 def export_main(argv: list[str] | None = None) -> int:

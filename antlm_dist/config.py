@@ -75,6 +75,12 @@ class TokenizerConfig:
     kind: str = "bpe"
     """``bpe`` (byte-level BPE; special tokens ``<pad> <s> </s> <unk> <mask>``) or ``wordpiece``
     (LTG-BERT; ``[PAD] [CLS] [SEP] [UNK] [MASK]``). The trainer uses the roles pad/bos/eos/unk/mask."""
+    normalization: str = "none"
+    """``none`` (text kept as it is: a ``bpe`` tokenizer decodes exactly what it encoded) or ``nfkc``
+    (Unicode NFKC first, as BabyLlama and LTG-BERT do: "ﬁ" becomes "fi", "₉" becomes "9")."""
+    add_prefix_space: bool = False
+    """``bpe`` only: put a space before the first word so it is tokenised like any other word
+    (GPT-2's option; decoding then returns that extra leading space)."""
 
 
 @dataclass
@@ -386,6 +392,13 @@ def _validate_ltg_bert(m: ModelConfig) -> None:
     _positive(m.layer_norm_eps, "model.layer_norm_eps")
 
 
+def _validate_tokenizer(r: Recipe) -> None:
+    t = r.tokenizer
+    _choice(t.normalization, ("none", "nfkc"), "tokenizer.normalization")
+    if t.add_prefix_space and t.kind != "bpe":
+        raise ConfigError("tokenizer.add_prefix_space applies to tokenizer.kind=bpe only; set it to false")
+
+
 def validate_recipe(r: Recipe) -> None:
     """Check values and cross-field consistency before any compute starts.
 
@@ -426,6 +439,7 @@ def validate_recipe(r: Recipe) -> None:
         )
     _positive(r.tokenizer.min_frequency, "tokenizer.min_frequency")
     _choice(r.tokenizer.kind, ("bpe", "wordpiece"), "tokenizer.kind")
+    _validate_tokenizer(r)
     if m.arch == "ltg_bert":
         _validate_ltg_bert(m)
     parse_schedule(r.objective.schedule)

@@ -37,16 +37,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from antlm_dist import __version__
-from antlm_dist import checkpoint as ckpt
-from antlm_dist.checkpoint import CheckpointError, ClientState
 from antlm_dist.config import ModelConfig, Recipe, recipe_from_dict
+
+if TYPE_CHECKING:  # torch and the checkpoint module are imported where used: ``--help`` must not wait for them
+    import torch
+
+    from antlm_dist.checkpoint import ClientState
 
 ANTLM_CONFIG_KEY = "antlm"
 """Key in ``config.json`` under which the AntLM metadata is stored (a dict)."""
@@ -70,9 +73,11 @@ def resolve_checkpoint(path: Path | str) -> tuple[Path, str, Path]:
     Raises:
         ExportError: the path does not exist, or holds no complete checkpoint.
     """
+    from antlm_dist import checkpoint as ckpt
+
     try:
         ref = ckpt.resolve_checkpoint(path)
-    except CheckpointError as exc:
+    except ckpt.CheckpointError as exc:
         raise ExportError(str(exc)) from exc
     return ref.ckpt_dir, ref.tag, ref.run_dir
 
@@ -83,9 +88,11 @@ def read_checkpoint_state(ckpt_dir: Path, tag: str) -> ClientState:
     Raises:
         ExportError: missing, or without the fields the export needs.
     """
+    from antlm_dist import checkpoint as ckpt
+
     try:
         return ckpt.read_client_state(ckpt_dir, tag)[1]
-    except CheckpointError as exc:
+    except ckpt.CheckpointError as exc:
         raise ExportError(str(exc)) from exc
 
 
@@ -98,6 +105,7 @@ def consolidate_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     Raises:
         ExportError: DeepSpeed's files are missing or unreadable.
     """
+    import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     tag_dir = Path(ckpt_dir) / tag
@@ -222,7 +230,21 @@ def write_hf_folder(out: Path, recipe: Recipe, state_dict: dict[str, torch.Tenso
     hf_model.save_pretrained(str(out))
     shutil.copyfile(hf_auto.__file__, out / Path(hf_auto.__file__).name)  # the code auto_map names
     tok.save_pretrained(str(out))
+    _follow_umask(out)
     return out
+
+
+def _follow_umask(folder: Path) -> None:
+    """Give every file in ``folder`` the mode a plain ``open()`` gives (0666 less the umask).
+
+    ``save_pretrained`` writes ``model.safetensors`` through a private temporary file, which
+    leaves it 0600: other users of a shared model folder could not read the weights.
+    """
+    umask = os.umask(0)
+    os.umask(umask)  # reading the umask means setting it; put it straight back
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def export_checkpoint(checkpoint: Path | str, out: Path | str, *, overwrite: bool = False,
@@ -352,6 +374,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
+    from antlm_dist.checkpoint import CheckpointError
+
     try:
         out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, untrained=args.untrained)
     except (ValueError, CheckpointError) as exc:  # ExportError, ConfigError, TokenizerError

@@ -21,7 +21,6 @@ import shutil
 from pathlib import Path
 
 from antlm_dist.config import ConfigError
-from antlm_dist.distributed import barrier
 
 RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints")
 PREEMPT_EXIT_CODE = 75
@@ -76,6 +75,8 @@ class RunFolder:
     def prepare(self, overwrite: bool) -> None:
         """Collective: with ``overwrite`` delete the previous run's files, create the folder and
         drop a stale preemption marker (rank 0), then wait for every rank."""
+        from antlm_dist.distributed import barrier  # imported here: the launcher's checks need no torch
+
         if self.rank == 0 and overwrite and self.path.exists():
             for m in _OVERWRITTEN:
                 target = self.path / m

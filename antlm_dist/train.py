@@ -12,18 +12,10 @@ import logging
 import os
 import sys
 
-import torch
-
-from antlm_dist.checkpoint import CheckpointError
+# Only light modules at import time: ``antlm-train --help`` and recipe errors must not wait
+# for torch, DeepSpeed or transformers (seconds each); the functions below import them.
 from antlm_dist.config import ConfigError, load_recipe
 from antlm_dist.data.corpus import find_corpus
-from antlm_dist.data.tokenizer import check_vocab_matches, load_tokenizer
-from antlm_dist.distributed import build_ds_config, check_build_locks, dist_env, init_distributed, pick_device, world_info
-from antlm_dist.faults import comm_failure_message, format_rank_table, gather_rank_addresses, is_comm_failure
-from antlm_dist.model import check_model_backends
-from antlm_dist.run_folder import RunFolder
-from antlm_dist.schedule import PhaseDesyncError
-from antlm_dist.trainer import Trainer
 
 log = logging.getLogger("antlm_dist")
 
@@ -40,28 +32,48 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="AntLM pretraining: alternating CLM/MLM phases on one backbone under DeepSpeed.",
     )
     p.add_argument("--config", default="demo-cpu", help="recipe YAML path or shipped recipe name (default: demo-cpu)")
-    p.add_argument("--output-dir", required=True, help="run folder: tokenizer, metrics.jsonl, checkpoints/")
+    p.add_argument("--output-dir", default=None,
+                   help="run folder: tokenizer, metrics.jsonl, checkpoints/ (required unless --print-config)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --output-dir")
     p.add_argument("--overwrite", action="store_true", help="delete a previous run in --output-dir first")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="local ranks to start when run without a launcher (default: distributed.nproc_per_node)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved recipe and DeepSpeed JSON, then exit (writes nothing)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run the preflight checks and prepare the data (tokenizer/ and the block cache in "
+                        "--output-dir), print the run's sizes, then exit without training")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 objective.schedule=1_CLM+1_MLM")
     return p
 
 
-def _device_kind() -> torch.device:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line of ``antlm-train``; exits 2 (argparse) when ``--output-dir`` is missing
+    without ``--print-config``."""
+    p = build_arg_parser()
+    args = p.parse_intermixed_args(argv)
+    if args.output_dir is None and not args.print_config:
+        p.error("the following arguments are required: --output-dir")
+    return args
+
+
+def device_kind():
+    """``torch.device("cuda")`` when CUDA is visible, else the CPU (imports torch)."""
+    import torch
+
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = True):
     """Every check that needs no compute, run before any rank trains.
 
-    Validates the recipe, the kernel backends and head dims for this machine, that no
-    abandoned torch-extension build lock would hang the start, the output folder, the
-    corpus (exists; with ``read_corpus`` also non-empty and UTF-8, which reads every file),
-    the DeepSpeed JSON against the recipe's batch sizes for ``world_size``, and a given
-    ``tokenizer.path`` against ``model.vocab_size``.
+    Validates the recipe, the output folder, the corpus (exists; with ``read_corpus`` also
+    non-empty and UTF-8, which reads every file), the DeepSpeed JSON against the recipe's
+    batch sizes for ``world_size``, the kernel backends and head dims for this machine,
+    that no abandoned torch-extension build lock would hang the start, and a given
+    ``tokenizer.path`` against ``model.vocab_size``. The checks that need no torch come
+    first, so a recipe error appears in about a second.
 
     Returns:
         (recipe, corpus files).
@@ -70,14 +82,21 @@ def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = Tru
         ConfigError, CorpusError, ScheduleError, TokenizerError, StaleBuildLockError: naming
         field and fix.
     """
+    from antlm_dist.run_folder import RunFolder
+
     recipe = load_recipe(args.config, args.overrides)
-    device = _device_kind()
-    check_model_backends(recipe.model, device)
-    check_build_locks()
     RunFolder(args.output_dir).check(args.resume, args.overwrite)
     corpus = find_corpus(recipe.data.corpus, validate=read_corpus)
+    from antlm_dist.distributed import build_ds_config, check_build_locks
+    from antlm_dist.model.backends import check_model_backends
+
+    device = device_kind()
     build_ds_config(recipe, world_size, device, recipe_source=str(args.config))
+    check_model_backends(recipe.model, device)
+    check_build_locks()  # imports torch.utils.cpp_extension (about a second): last
     if recipe.tokenizer.path:
+        from antlm_dist.data.tokenizer import check_vocab_matches, load_tokenizer
+
         check_vocab_matches(load_tokenizer(recipe.tokenizer.path, recipe.tokenizer.kind), recipe.model.vocab_size,
                             f"tokenizer.path={recipe.tokenizer.path}")
     return recipe, corpus
@@ -104,6 +123,11 @@ def setup_logging(rank: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """One rank of a training run. Returns the process exit status."""
+    from antlm_dist.distributed import dist_env, init_distributed, pick_device, world_info
+    from antlm_dist.faults import format_rank_table, gather_rank_addresses
+    from antlm_dist.run_folder import RunFolder
+    from antlm_dist.trainer import Trainer
+
     env_rank, local_rank, env_world = dist_env()
     recipe, corpus = _recipe_and_corpus(args, env_rank, env_world)
     device = pick_device(local_rank)
@@ -121,7 +145,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_intermixed_args(argv)
+    args = parse_args(argv)
+    if args.print_config or args.dry_run:
+        print("antlm-train: error: --print-config and --dry-run run before any rank starts; give them to "
+              "antlm-train without a launcher (torchrun, srun)", file=sys.stderr)
+        return 2
+    from antlm_dist.checkpoint import CheckpointError
+    from antlm_dist.distributed import world_info
+    from antlm_dist.faults import comm_failure_message, is_comm_failure
+    from antlm_dist.schedule import PhaseDesyncError
+
     try:
         code = run(args)
     except (ConfigError, CheckpointError, ValueError) as exc:

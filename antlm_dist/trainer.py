@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from antlm_dist import __version__
-from antlm_dist.checkpoint import (CheckpointError, ClientState, check_resume, latest_tag, load_checkpoint,
+from antlm_dist.checkpoint import (TAG_PREFIX, CheckpointError, ClientState, check_resume, latest_tag, load_checkpoint,
                                    read_client_state, save_checkpoint, universal_tag)
 from antlm_dist.config import Recipe, dump_recipe
 from antlm_dist.data.blocks import load_blocks
@@ -162,8 +162,11 @@ class Trainer:
         resume_point = self._read_resume_point() if resume else None
         self._build_engine()
         # MFU (Chowdhery et al. 2022) against one device's peak; power and energy of rank 0's GPU (NVML)
-        self.peak_flops, peak_source = peak_flops_per_device(device, self.precision, matmul_size=1024)
-        log.info("MFU peak: %.2f TFLOP/s per device (%s)", self.peak_flops / 1e12, peak_source)
+        self.peak_flops = None  # only rank 0 writes metrics; the others wait for it at the next collective
+        if self.rank == 0:  # on CPU the ranks of a node share its cores: each gets its share of the peak
+            local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+            self.peak_flops, peak_source = peak_flops_per_device(device, self.precision, devices_sharing=local_ranks)
+            log.info("MFU peak: %.3f TFLOP/s per device (%s)", self.peak_flops / 1e12, peak_source)
         self.telemetry = Telemetry(device, interval_s=0.5).start()
         self.start_step = self._load_resume_point(resume_point) if resume_point else 0
         self.metrics = MetricsWriter(run.metrics_path, enabled=self.rank == 0)
@@ -253,10 +256,16 @@ class Trainer:
         return start_step
 
     def save(self, step: int) -> None:
-        """Collective: checkpoint ``step`` and record it in metrics.jsonl."""
-        path = save_checkpoint(self.engine, self.run.checkpoints, step, self.client_state(step),
-                               self.recipe.checkpoint.keep_last)
+        """Collective: checkpoint ``step`` and record it in metrics.jsonl, with a
+        ``checkpoint_deleted`` record for each older checkpoint that ``checkpoint.keep_last``
+        removed (so no ``checkpoint`` record is left pointing at nothing unannounced)."""
+        keep_last = self.recipe.checkpoint.keep_last
+        before = {p for p in self.run.checkpoints.glob(TAG_PREFIX + "*") if p.is_dir()}
+        path = save_checkpoint(self.engine, self.run.checkpoints, step, self.client_state(step), keep_last)
         self.metrics.write("checkpoint", step=step, path=str(path))
+        for gone in sorted(p for p in before if not p.exists()):
+            self.metrics.write("checkpoint_deleted", step=step, path=str(gone),
+                               reason=f"checkpoint.keep_last={keep_last}")
 
     def _write_start(self) -> None:
         self.run.write_start(dump_recipe(self.recipe), {
@@ -389,7 +398,8 @@ class Trainer:
 
     def stop(self, step: int, reason: str, preempted: bool) -> int:
         """Record an early stop; returns the exit status (75 after preemption, for a requeue)."""
-        log.warning("stopping at step %d (%s); continue with --resume", step, reason)
+        if self.rank == 0:  # every rank stops; one line says so
+            log.warning("stopping at step %d (%s); continue with --resume", step, reason)
         self.metrics.write("stop", step=step, reason=reason)
         if preempted:
             self.run.mark_preempted(step)

@@ -6,4 +6,4 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/launch/setup.sh"
 cd "$ROOT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-exec "${ANTLM_VENV:-$ROOT/.venv}/bin/python" -m pytest -q -ra "$@"
+exec "${ANTLM_VENV:-$ROOT/.venv}/bin/python" -m pytest -v --tb=short -ra "$@"

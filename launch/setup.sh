@@ -14,8 +14,18 @@ want=$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
-echo "[setup] installing into $VENV (torch first: $TORCH_SPEC)" >&2
+start=$(date +%s)
+echo "[setup] creating $VENV and installing antlm-dist with its dependencies; about 2 to 5 minutes and 2.5 GB" >&2
+echo "[setup]   step 1/2: $TORCH_SPEC first (the CPU wheel, ~200 MB), so nothing pulls a multi-GB CUDA build" >&2
+echo "[setup]   step 2/2: deepspeed (built from source, pure Python), transformers, datasets, tokenizers," \
+     "triton, matplotlib, pytest and the rest of pyproject.toml" >&2
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[dev]"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off)
+# pip's own lines (Collecting / Downloading / Installing) show what is happening; "already
+# satisfied" lines are dropped so a refresh stays short.
+"${PIP[@]}" "$TORCH_SPEC" 2>&1 | { grep -v "^Requirement already satisfied" || true; } >&2
+echo "[setup] step 1/2 done after $(( $(date +%s) - start )) s" >&2
+"${PIP[@]}" -e "$ROOT[dev]" 2>&1 | { grep -v "^Requirement already satisfied" || true; } >&2
 echo "$want" > "$STAMP"
+echo "[setup] done in $(( $(date +%s) - start )) s. The first training start on this machine also builds" \
+     "DeepSpeed's CPU communication op (about a minute, once; cached in \$TORCH_EXTENSIONS_DIR)." >&2

@@ -391,3 +391,17 @@ def test_blimp_errors_name_file_and_line(exported, tmp_path, capsys):
     assert eval_cli.main(["blimp", "--model", str(no_tok), "--data", str(good.parent), "--out", str(out)]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
     assert eval_cli.main(["blimp", "--model", str(no_tok), "--data", str(good), "--out", str(out), "--limit", "0"]) == 2
+
+
+def test_heldout_cli_tokenises_once_and_says_so(exported, tmp_path, capsys):
+    """The dev split is tokenised on the first call only; both calls say which they did and agree."""
+    cache = tmp_path / "cache"
+    args = ["heldout", "--model", str(exported["zero2"]), "--corpus", "bundled", "--batch-size", "5",
+            "--cache-dir", str(cache)]
+    assert eval_cli.main(args) == 0
+    first = capsys.readouterr()
+    assert eval_cli.main(args) == 0
+    second = capsys.readouterr()
+    assert first.err.startswith("tokenising the dev split") and second.err.startswith("reusing the dev split")
+    assert first.out == second.out and "CLM loss" in first.out
+    assert len(list(cache.glob("dev-*.npy"))) == 1

@@ -147,13 +147,35 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     }
     if device.type == "cpu":
         result["notes"].append(
-            "CPU: the MFU peak is a matmul measured on this machine at start-up and again at the end (the larger "
+            "CPU: the MFU peak is a 2048x2048 matmul on all cores, measured at start-up and again at the end (the larger "
             f"is used: {peak_start / 1e12:.3f} then {peak / 1e12:.3f} TFLOP/s), not a datasheet figure; "
             "peak memory is process RSS (psutil), sampled every 20 ms, and so approximate.")
+    noisy = noisy_ratio_notes(records, args.steps)
+    for note in noisy:
+        log.warning("%s", note)
+    result["notes"] += noisy
     write_json(out / "bench.json", result)
     write_markdown(out / "bench.md", result)
     write_plot(out / "bench.png", result)
     return result
+
+
+NOISY_SPREAD = 0.20
+"""Step-time spread (p90 − p10) / median above which a record's ratios are called noisy."""
+
+
+def noisy_ratio_notes(records: list[dict], steps: int) -> list[str]:
+    """One warning per record whose timed steps spread more than :data:`NOISY_SPREAD` of their
+    median (p10 to p90): a speed-up or MFU from it can be off by about that much."""
+    notes = []
+    for r in records:
+        st = r["step_time_s"]
+        spread = (st["p90"] - st["p10"]) / max(st["median"], 1e-12)
+        if spread > NOISY_SPREAD:
+            notes.append(f"{r['config']} {r['phase']} {r['label']} mb {r['micro_batch']}: step times spread "
+                         f"{100 * spread:.0f}% of the median (p10-p90) over {steps} timed steps; its tokens/s, "
+                         "MFU and speed-up are that uncertain: raise --steps or run on a quieter machine")
+    return notes
 
 
 def _check_args(args: argparse.Namespace) -> None:

@@ -26,28 +26,58 @@ log = logging.getLogger("antlm_dist")
 def prepare_tokenizer(recipe: Recipe, out: Path, train_files, rank: int):
     """Load ``tokenizer.path`` or the run's saved tokenizer, else train one on rank 0.
 
-    Collective (a barrier). The tokenizer is saved under ``<out>/tokenizer``.
+    Collective (a barrier). The tokenizer is saved under ``<out>/tokenizer``. A trained
+    tokenizer smaller than ``model.vocab_size`` (a small corpus has fewer distinct pairs to
+    merge) fits the model to it: :func:`fit_vocab_size` changes ``recipe`` in place, and
+    every rank reads the same file, so all ranks agree.
 
     Returns:
         (``PreTrainedTokenizerFast``, sha256 hex of its ``tokenizer.json``).
 
     Raises:
-        TokenizerError: its vocabulary differs from ``model.vocab_size``.
+        TokenizerError: its vocabulary differs from ``model.vocab_size`` (a given
+            ``tokenizer.path``, or a trained one larger than asked for).
     """
     run_tok = Path(out) / "tokenizer" / "tokenizer.json"
+    t = recipe.tokenizer
     if rank == 0 and not run_tok.is_file():
-        if recipe.tokenizer.path:
-            save_tokenizer(load_tokenizer(recipe.tokenizer.path, recipe.tokenizer.kind), Path(out) / "tokenizer")
+        if t.path:
+            save_tokenizer(load_tokenizer(t.path, t.kind), Path(out) / "tokenizer")
         else:
-            vocab = recipe.tokenizer.vocab_size or recipe.model.vocab_size
-            kind = recipe.tokenizer.kind
-            log.info("training a %s tokenizer (%d tokens) on %d files", kind, vocab, len(train_files))
-            save_tokenizer(train_tokenizer(train_files, vocab, recipe.tokenizer.min_frequency, kind),
-                           Path(out) / "tokenizer", kind)
+            vocab = t.vocab_size or recipe.model.vocab_size
+            log.info("training a %s tokenizer (%d tokens) on %d files", t.kind, vocab, len(train_files))
+            save_tokenizer(train_tokenizer(train_files, vocab, t.min_frequency, t.kind, t.normalization,
+                                           t.add_prefix_space), Path(out) / "tokenizer", t.kind)
     barrier()
-    tok = load_tokenizer(run_tok, recipe.tokenizer.kind)
-    check_vocab_matches(tok, recipe.model.vocab_size, str(recipe.tokenizer.path or run_tok))
+    tok = load_tokenizer(run_tok, t.kind)
+    fit_vocab_size(recipe, len(tok))
+    check_vocab_matches(tok, recipe.model.vocab_size, str(t.path or run_tok))
     return tok, tokenizer_hash(run_tok)
+
+
+def fit_vocab_size(recipe: Recipe, n_tokens: int) -> bool:
+    """Shrink ``model.vocab_size`` to a trained tokenizer of ``n_tokens`` tokens when it came out smaller.
+
+    The model is fitted exactly, not rounded up to a multiple of 64: rows beyond the
+    tokenizer would be ids that no text produces, yet MLM's random replacement draws from
+    ``[0, model.vocab_size)`` and the exported model would promise tokens the tokenizer
+    lacks. (On a GPU, a multiple of 64 is faster; choose such a ``model.vocab_size`` for a
+    corpus that fills it.) A given ``tokenizer.path`` is never fitted: a mismatch there is
+    an error. The change goes into the resolved recipe (``recipe.yaml``, checkpoints) and
+    the log.
+
+    Returns:
+        True when ``recipe`` was changed.
+    """
+    m, t = recipe.model, recipe.tokenizer
+    if t.path or n_tokens >= m.vocab_size:
+        return False
+    log.info("the tokenizer trained on this corpus has %d tokens, fewer than model.vocab_size=%d: the model is "
+             "fitted to it (model.vocab_size=%d, recorded in recipe.yaml)", n_tokens, m.vocab_size, n_tokens)
+    m.vocab_size = n_tokens
+    if t.vocab_size is not None:
+        t.vocab_size = n_tokens  # the recipe requires the two to be equal when both are set
+    return True
 
 
 def make_collators(recipe: Recipe, tok):

@@ -3,10 +3,18 @@
 Two kinds (``tokenizer.kind``):
 
 * ``bpe`` (default): BabyLlama (Timiryasov & Tastet, BabyLM 2023) trains a byte-level BPE
-  with NFKC normalisation, 16,000 tokens and minimum pair frequency 2. Special tokens
+  with 16,000 tokens and minimum pair frequency 2. Special tokens
   ``<pad>``, ``<s>``, ``</s>``, ``<unk>``, ``<mask>``.
 * ``wordpiece``: LTG-BERT (Samuel et al. 2023) uses a cased WordPiece of 16,384 tokens.
   Special tokens ``[PAD]``, ``[CLS]``, ``[SEP]``, ``[UNK]``, ``[MASK]``.
+
+Two choices change the text itself (``tokenizer.normalization``, ``tokenizer.add_prefix_space``).
+By default there is neither, and a byte-level BPE then gives ``decode(encode(s)) == s`` for
+every Unicode string: the pre-tokenizer maps each UTF-8 byte to one symbol and the decoder
+maps it back. NFKC (BabyLlama's setting) folds compatibility characters ("ﬁ" -> "fi",
+"₉" -> "9", full-width letters); the prefix space (GPT-2's option) puts a space before the
+first word, so decoding returns " " + s. WordPiece never round-trips: its BERT
+pre-tokenizer drops whitespace.
 
 The trainer never names special tokens literally; it uses their roles (pad, bos, eos,
 unk, mask; :data:`SPECIAL_TOKENS_BY_KIND`): documents end with the eos token, padding
@@ -63,31 +71,47 @@ class TokenizerError(ValueError):
     """A tokenizer file is missing, unreadable, lacks a special token or mismatches the model."""
 
 
-def train_tokenizer(files: Iterable[Path], vocab_size: int, min_frequency: int = 2, kind: str = "bpe"):
+NORMALIZATIONS = ("none", "nfkc")
+"""Values of ``tokenizer.normalization``."""
+
+
+def train_tokenizer(files: Iterable[Path], vocab_size: int, min_frequency: int = 2, kind: str = "bpe",
+                    normalization: str = "none", add_prefix_space: bool = False):
     """Train a tokenizer of ``kind``.
 
-    ``bpe``: byte-level BPE (NFKC, ByteLevel pre-tokenizer and decoder). ``wordpiece``:
-    cased WordPiece with ``##`` continuation prefix (NFKC, BERT pre-tokenizer: whitespace
+    ``bpe``: byte-level BPE (ByteLevel pre-tokenizer and decoder). ``wordpiece``:
+    cased WordPiece with ``##`` continuation prefix (BERT pre-tokenizer: whitespace
     and punctuation splits; WordPiece decoder).
 
     Args:
         files: UTF-8 text files, one utterance or paragraph per line.
-        vocab_size: target vocabulary size in tokens, special tokens included.
+        vocab_size: target vocabulary size in tokens, special tokens included. The result
+            can be smaller when the corpus has fewer distinct pairs than that.
         min_frequency: minimum count for a merge.
         kind: ``bpe`` or ``wordpiece``.
+        normalization: ``none`` (the text is kept as it is) or ``nfkc`` (Unicode NFKC
+            before tokenising, as BabyLlama and LTG-BERT do).
+        add_prefix_space: ``bpe`` only: a space before the first word, so that it is
+            tokenised like a word inside a line (GPT-2's option; decoding then returns it).
 
     Returns:
         A ``tokenizers.Tokenizer``.
 
     Raises:
-        TokenizerError: unknown kind.
+        TokenizerError: unknown kind or normalization, or ``add_prefix_space`` with ``wordpiece``.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     specials = [special_tokens_for(kind)[r] for r in SPECIAL_TOKEN_ROLES]
+    if normalization not in NORMALIZATIONS:
+        raise TokenizerError(f"tokenizer.normalization={normalization!r} is not known; use one of "
+                             f"{', '.join(NORMALIZATIONS)}")
+    if add_prefix_space and kind != "bpe":
+        raise TokenizerError("tokenizer.add_prefix_space applies to tokenizer.kind=bpe only; set it to false")
+    normalizer = normalizers.NFKC() if normalization == "nfkc" else None
     if kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token=special_tokens_for(kind)["unk"], continuing_subword_prefix="##"))
-        tok.normalizer = normalizers.NFKC()
+        tok.normalizer = normalizer
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
         trainer = trainers.WordPieceTrainer(
@@ -97,8 +121,8 @@ def train_tokenizer(files: Iterable[Path], vocab_size: int, min_frequency: int =
         tok.train([str(f) for f in files], trainer)
         return _canonical_wordpiece(tok, specials)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

@@ -4,7 +4,7 @@ Subcommands::
 
     antlm-eval blimp   --model DIR --data DIR --mode clm|mlm|mntp|both --out FILE.json
                        [--pll-metric original|within_word_l2r] [--limit N] [--batch-size B]
-                       [--device cpu|cuda] [--prefix bos|eos]
+                       [--device auto|cpu|cuda] [--prefix bos|eos]
     antlm-eval heldout --model DIR --corpus DIR|bundled [--max-blocks N] [--out FILE.json]
     antlm-eval compare A.json B.json ... [--names a b ...] [--out FILE.md]
 
@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from antlm_dist.eval.blimp import format_markdown, read_blimp, score_pairs, summarize
+# torch and the scoring modules are imported inside the commands, so ``--help`` and argument
+# errors answer at once.
 
 MODE_TITLES = {"clm": "CLM", "mlm": "MLM (PLL)", "mntp": "MNTP (PLL)"}
 
@@ -39,7 +38,16 @@ def mode_title(mode: str, pll_metric: str = "original") -> str:
     return title if mode == "clm" or pll_metric == "original" else title.replace("(PLL)", "(PLL-word-l2r)")
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str):
+    """``auto`` (CUDA when visible, else the CPU), ``cuda`` or ``cpu`` as a ``torch.device``.
+
+    Raises:
+        ValueError: ``cuda`` without a visible CUDA device.
+    """
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
     return torch.device(name)
@@ -54,6 +62,9 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def run_blimp(args: argparse.Namespace) -> dict:
     """Score BLiMP in the requested modes; write ``--out`` (JSON) and ``--out`` with ``.md``."""
+    import torch
+
+    from antlm_dist.eval.blimp import format_markdown, read_blimp, score_pairs, summarize
     from antlm_dist.export import load_pretrained, read_antlm_meta
 
     device = _device(args.device)
@@ -104,7 +115,7 @@ def run_heldout(args: argparse.Namespace) -> dict:
     from antlm_dist.data.tokenizer import tokenizer_hash
     from antlm_dist.eval.heldout import evaluate_heldout
     from antlm_dist.export import load_pretrained, read_antlm_meta
-    from antlm_dist.data.blocks import load_blocks
+    from antlm_dist.data.blocks import cache_key, load_blocks
     from antlm_dist.data.pipeline import make_collators
 
     device = _device(args.device)
@@ -116,10 +127,13 @@ def run_heldout(args: argparse.Namespace) -> dict:
         raise CorpusError(f"--corpus {args.corpus}: no *.dev files; heldout evaluation needs a dev split")
     seq_len = args.seq_len or recipe.data.seq_len
     max_blocks = args.max_blocks if args.max_blocks is not None else recipe.data.max_eval_blocks
-    with tempfile.TemporaryDirectory(prefix="antlm-eval-") as tmp:
-        cache = Path(args.cache_dir) if args.cache_dir else Path(tmp)
-        blocks = load_blocks(corpus.dev, tok, tokenizer_hash(Path(args.model) / "tokenizer.json"), seq_len, cache,
-                             1, True, "dev")
+    tok_hash = tokenizer_hash(Path(args.model) / "tokenizer.json")
+    cache = _heldout_cache_dir(args.cache_dir, meta)
+    cached = (cache / f"dev-{cache_key(corpus.dev, tok_hash, seq_len)}.npy").is_file()
+    print(f"{'reusing' if cached else 'tokenising'} the dev split ({len(corpus.dev)} files, {seq_len}-token "
+          f"blocks) {'from' if cached else 'into'} {cache}", file=sys.stderr, flush=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    blocks = load_blocks(corpus.dev, tok, tok_hash, seq_len, cache, 1, True, "dev")
     if max_blocks is not None:
         blocks = blocks[:max_blocks]
     clm, mlm = make_collators(recipe, tok)
@@ -135,10 +149,28 @@ def run_heldout(args: argparse.Namespace) -> dict:
     return report
 
 
+def _heldout_cache_dir(given: str | None, meta: dict) -> Path:
+    """Where the tokenised dev blocks are kept: ``--cache-dir``; else the block cache of the
+    run the model was exported from (its ``data.cache_dir``, or ``<run>/cache``), which
+    already holds them when the run evaluated the same split; else
+    ``$XDG_CACHE_HOME/antlm-dist/blocks``. Cache files are named by the files, the
+    tokenizer hash and the block length, so sharing a folder is safe."""
+    if given:
+        return Path(given)
+    run_cache = (meta.get("recipe") or {}).get("data", {}).get("cache_dir")
+    source = meta.get("source_checkpoint")  # <run>/checkpoints/<tag>
+    for candidate in (run_cache, source and Path(source).parent.parent / "cache"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "antlm-dist" / "blocks"
+
+
 # ----------------------------------------------------------------------------- compare
 
 def run_compare(args: argparse.Namespace) -> str:
     """One Markdown table with a column per (result file, mode)."""
+    from antlm_dist.eval.blimp import format_markdown
+
     columns = {}
     names = args.names or [Path(f).stem for f in args.results]
     if len(names) != len(args.results):
@@ -179,7 +211,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, default=None, help="first N pairs of each file (default: all)")
     b.add_argument("--batch-size", type=int, default=256,
                    help="sequences per forward pass (MLM: masked copies) (default: 256)")
-    b.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (default): cuda when a GPU is visible, else cpu")
     b.add_argument("--prefix", choices=("bos", "eos"), default="bos",
                    help="context token before each sentence: <s> (default) or </s> (the trainer's line separator)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -192,8 +225,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="first N packed dev blocks (default: the run's data.max_eval_blocks)")
     h.add_argument("--seq-len", type=int, default=None, help="tokens per block (default: the run's data.seq_len)")
     h.add_argument("--batch-size", type=int, default=32, help="blocks per forward pass")
-    h.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    h.add_argument("--cache-dir", default=None, help="keep the tokenised dev set here (default: a temporary folder)")
+    h.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (default): cuda when a GPU is visible, else cpu")
+    h.add_argument("--cache-dir", default=None, help="keep the tokenised dev set here (default: the source run's cache/ "
+                   "if it exists, else ~/.cache/antlm-dist/blocks)")
     h.add_argument("--out", default=None, help="also write the results as JSON")
     h.set_defaults(func=run_heldout)
 

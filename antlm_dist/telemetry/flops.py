@@ -23,6 +23,7 @@ All FLOP counts are plain floats (FLOPs, not FLOP/s); times are seconds.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import torch
@@ -139,42 +140,54 @@ def mfu(flops: float, seconds: float, peak_flops_per_device: float, n_devices: i
 
 
 def measure_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                         n: int | None = None, repeats: int = 8) -> float:
+                         n: int | None = None, repeats: int = 8, threads: int | None = None) -> float:
     """Best FLOP/s of an n×n·n×n matmul (2·n³ FLOPs) over ``repeats`` timed runs.
 
     n defaults to 2048 on CPU and 8192 on CUDA. On CPU this is the stand-in for a
-    datasheet peak (it uses the threads torch is allowed, ``torch.get_num_threads()``);
-    on a shared machine it is lowered by other processes' load like every other figure.
+    datasheet peak; it runs on ``threads`` threads (default: every core,
+    ``os.cpu_count()``; torch's own setting is restored afterwards). On a shared machine it
+    is lowered by other processes' load like every other figure. The operands come from a
+    private generator, so the global random state is untouched.
     """
     dev = torch.device(device)
     n = n or (8192 if dev.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
-    torch.mm(a, b)  # warm-up: thread pool, kernel selection
-    best = 0.0
-    for _ in range(repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t0))
+    gen = torch.Generator(device=dev).manual_seed(0)
+    a = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=dev, dtype=dtype, generator=gen)
+    before = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(threads or os.cpu_count() or 1)
+    try:
+        torch.mm(a, b)  # warm-up: thread pool, kernel selection
+        best = 0.0
+        for _ in range(repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t0))
+    finally:
+        torch.set_num_threads(before)
     return best
 
 
 def peak_flops_per_device(device: torch.device | str, precision: str = "fp32",
-                          matmul_size: int | None = None) -> tuple[float, str]:
+                          matmul_size: int | None = None, devices_sharing: int = 1) -> tuple[float, str]:
     """Peak FLOP/s of one device for MFU, and where the number comes from.
 
     On CUDA in bf16/fp16: the dense tensor-core datasheet figure for known boards
     (H100/H200 SXM 989.4 TFLOP/s, A100 312, ...). Otherwise (CPU, fp32, unknown board):
     :func:`measure_matmul_flops` in that dtype, measured now, of size ``matmul_size``
-    (default 2048 on CPU, 8192 on CUDA; the trainer uses 1024 on CPU to start faster).
+    (default 2048 on CPU, 8192 on CUDA). On CPU it uses every core and is divided by
+    ``devices_sharing``, the ranks of this node: they share the cores, so each rank's
+    "device" is that share of the machine. (Measuring with the one thread each rank runs,
+    while the other ranks measure too, is what made CPU MFU read 40-50% for a tiny model.)
 
     Returns:
         (FLOP/s, description such as ``"datasheet NVIDIA H100 80GB HBM3 bf16"`` or
-        ``"measured 2048x2048 fp32 matmul (2 threads)"``).
+        ``"measured 2048x2048 fp32 matmul on all 2 cores, shared by 2 ranks"``).
     """
     dev = torch.device(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -185,6 +198,8 @@ def peak_flops_per_device(device: torch.device | str, precision: str = "fp32",
                 return peak, f"datasheet {name} dense {precision}"
     n = matmul_size or (8192 if dev.type == "cuda" else 2048)
     peak = measure_matmul_flops(dev, dtype, n)
-    threads = torch.get_num_threads()
-    where = f"{threads} thread{'s' if threads != 1 else ''}" if dev.type == "cpu" else torch.cuda.get_device_name(dev)
-    return peak, f"measured {n}x{n} {precision} matmul ({where})"
+    if dev.type != "cpu":
+        return peak, f"measured {n}x{n} {precision} matmul ({torch.cuda.get_device_name(dev)})"
+    cores = os.cpu_count() or 1
+    shared = f", shared by {devices_sharing} ranks" if devices_sharing > 1 else ""
+    return peak / devices_sharing, f"measured {n}x{n} {precision} matmul on all {cores} cores{shared}"
