@@ -30,6 +30,7 @@ import argparse
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -346,6 +347,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    print(f"exporting {args.checkpoint} to {args.out}: consolidating the ZeRO shards, then writing safetensors ...",
+          file=sys.stderr, flush=True)  # the one slow stage has no natural unit for a bar
     try:
         out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, untrained=args.untrained)
     except (ValueError, CheckpointError) as exc:  # ExportError, ConfigError, TokenizerError
@@ -353,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     meta = read_antlm_meta(out)
     print(f"exported {'untrained ' if meta.get('untrained') else ''}step {meta.get('step')} "
-          f"({meta.get('schedule')}) to {out}")
+          f"({meta.get('schedule')}) to {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

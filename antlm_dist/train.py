@@ -23,6 +23,7 @@ from antlm_dist.faults import comm_failure_message, format_rank_table, gather_ra
 from antlm_dist.model import check_model_backends
 from antlm_dist.run_folder import RunFolder
 from antlm_dist.schedule import PhaseDesyncError
+from antlm_dist.trackers import check_trackers
 from antlm_dist.trainer import Trainer
 
 log = logging.getLogger("antlm_dist")
@@ -60,7 +61,8 @@ def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = Tru
     Validates the recipe, the kernel backends and head dims for this machine, that no
     abandoned torch-extension build lock would hang the start, the output folder, the
     corpus (exists; with ``read_corpus`` also non-empty and UTF-8, which reads every file),
-    the DeepSpeed JSON against the recipe's batch sizes for ``world_size``, and a given
+    the DeepSpeed JSON against the recipe's batch sizes for ``world_size``, the packages of the
+    trackers the recipe turns on, and a given
     ``tokenizer.path`` against ``model.vocab_size``.
 
     Returns:
@@ -74,6 +76,7 @@ def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = Tru
     device = _device_kind()
     check_model_backends(recipe.model, device)
     check_build_locks()
+    check_trackers(recipe.logging)
     RunFolder(args.output_dir).check(args.resume, args.overwrite)
     corpus = find_corpus(recipe.data.corpus, validate=read_corpus)
     build_ds_config(recipe, world_size, device, recipe_source=str(args.config))

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from antlm_dist.eval.blimp import format_markdown, read_blimp, score_pairs, summarize
+from antlm_dist.progress import bar_wanted
 
 MODE_TITLES = {"clm": "CLM", "mlm": "MLM (PLL)"}
 
@@ -54,8 +55,9 @@ def run_blimp(args: argparse.Namespace) -> dict:
     results, wall = {}, {}
     for mode in modes:
         t0 = time.perf_counter()
+        print(f"{MODE_TITLES[mode]}: scoring {len(pairs)} pairs ...", file=sys.stderr, flush=True)
         scored = score_pairs(model, tok, pairs, mode, batch_size=args.batch_size, prefix_id=prefix_id,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress and bar_wanted())  # no bar in a log file
         wall[mode] = time.perf_counter() - t0
         results[mode] = summarize(pairs, scored["correct"])
         print(f"{MODE_TITLES[mode]}: {100 * results[mode]['overall']:.1f}% over {len(pairs)} pairs "
@@ -96,6 +98,7 @@ def run_heldout(args: argparse.Namespace) -> dict:
         raise CorpusError(f"--corpus {args.corpus}: no *.dev files; heldout evaluation needs a dev split")
     seq_len = args.seq_len or recipe.data.seq_len
     max_blocks = args.max_blocks if args.max_blocks is not None else recipe.data.max_eval_blocks
+    print(f"tokenising {len(corpus.dev)} dev files of {corpus.root} ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="antlm-eval-") as tmp:
         cache = Path(args.cache_dir) if args.cache_dir else Path(tmp)
         blocks = load_blocks(corpus.dev, tok, tokenizer_hash(Path(args.model) / "tokenizer.json"), seq_len, cache,
@@ -104,6 +107,7 @@ def run_heldout(args: argparse.Namespace) -> dict:
         blocks = blocks[:max_blocks]
     clm, mlm = make_collators(recipe, tok)
     t0 = time.perf_counter()
+    print(f"evaluating {blocks.shape[0]} blocks (CLM, then MLM) ...", file=sys.stderr, flush=True)
     res = evaluate_heldout(model, blocks, clm, mlm, args.batch_size, device)
     report = {"model": str(args.model), "corpus": corpus.root, "blocks": int(blocks.shape[0]), "seq_len": seq_len,
               "wall_time_s": time.perf_counter() - t0, **res}
@@ -155,7 +159,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     b.add_argument("--prefix", choices=("bos", "eos"), default="bos",
                    help="context token before each sentence: <s> (default) or </s> (the trainer's line separator)")
-    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b.add_argument("--no-progress", action="store_true",
+                   help="hide the progress bar (it shows only when stderr is a terminal, or with ANTLM_PROGRESS=1)")
     b.set_defaults(func=run_blimp)
 
     h = sub.add_parser("heldout", help="CLM perplexity and MLM loss/accuracy on the corpus's .dev files")
