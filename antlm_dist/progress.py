@@ -33,6 +33,21 @@ def bar_wanted(environ: dict | None = None, stream: TextIO | None = None) -> boo
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def make_bar(total: int, desc: str, unit: str, *, initial: int = 0, leave: bool = True, disable: bool = False):
+    """A tqdm bar on stderr that follows the terminal's width, or 100 columns and 40 lines when
+    the terminal reports no size (a pseudo-terminal opened by ``script`` from a process without
+    a terminal, where tqdm would otherwise print nothing)."""
+    from tqdm.auto import tqdm
+
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # not a terminal, or a stream without a descriptor
+        size = os.terminal_size((0, 0))
+    # tqdm hides a bar whose position is not below the screen's height, so a 0-line terminal shows none
+    size = {"dynamic_ncols": True} if min(size) > 0 else {"ncols": 100, "nrows": 40}
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, disable=disable, **size)
+
+
 def format_duration(seconds: float) -> str:
     """``3h07m``, ``12m05s`` or ``42s`` for a duration in seconds (``?`` when unknown)."""
     if seconds is None or seconds != seconds or seconds < 0:
@@ -78,10 +93,9 @@ class ProgressReporter:
         self.window_tokens, self.window_time_s = 0.0, 0.0
         self.bar, self._redirect = None, None
         if bar:
-            from tqdm.auto import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self.bar = make_bar(total_steps, "train", "step", initial=start_step)
             self._redirect = logging_redirect_tqdm()  # log lines print above the bar instead of through it
             self._redirect.__enter__()
 

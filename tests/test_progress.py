@@ -3,11 +3,13 @@ and the launcher telling its ranks whether a terminal is watching."""
 from __future__ import annotations
 
 import io
+import os
 import re
 
 import pytest
 
-from antlm_dist.progress import PROGRESS_ENV, ProgressReporter, bar_wanted, format_duration, format_progress_line
+from antlm_dist.progress import (PROGRESS_ENV, ProgressReporter, bar_wanted, format_duration, format_progress_line,
+                                 make_bar)
 
 
 class FakeClock:
@@ -135,3 +137,25 @@ def test_launcher_passes_the_terminal_down_to_the_ranks(monkeypatch, terminal):
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: seen.update(env) or 0)
     assert cli.train_main(["--output-dir", "/nonexistent/run", "--nproc-per-node", "2"]) == 0
     assert seen[PROGRESS_ENV] == ("1" if terminal else "0")
+
+
+def test_bar_draws_on_a_terminal_that_reports_no_width(monkeypatch):
+    import pty
+    import select
+
+    master, slave = pty.openpty()  # a new pseudo-terminal has 0 columns until someone sets them
+    term = os.fdopen(slave, "w", encoding="utf-8")
+    try:
+        assert tuple(os.get_terminal_size(slave)) == (0, 0)
+        monkeypatch.setattr("sys.stderr", term)
+        bar = make_bar(5, "train", "step")
+        bar.update(3)
+        bar.refresh()
+        term.flush()
+        ready, _, _ = select.select([master], [], [], 5.0)  # never block the test on an empty terminal
+        drawn = os.read(master, 65536).decode("utf-8", "replace") if ready else ""
+        bar.close()
+    finally:
+        term.close()
+        os.close(master)
+    assert "train:  60%" in drawn and "3/5" in drawn

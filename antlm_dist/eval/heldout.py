@@ -12,11 +12,10 @@ import logging
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from antlm_dist.distributed import all_reduce_sum, world_info
 from antlm_dist.kernels.masked_token_loss import IGNORE_INDEX
-from antlm_dist.progress import bar_wanted
+from antlm_dist.progress import bar_wanted, make_bar
 from antlm_dist.seeding import EVAL_EPOCH
 
 log = logging.getLogger("antlm_dist")
@@ -46,8 +45,8 @@ def evaluate_objective(model, blocks: torch.Tensor, collator, micro_batch_size: 
     n_batches = math.ceil(per_rank / micro_batch_size) if per_rank else 0
     ids_all = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
     totals = [0.0, 0.0, 0.0]
-    bar = tqdm(total=n_batches, desc=f"eval {'CLM' if collator.causal else 'MLM'}", unit="batch", leave=False,
-               dynamic_ncols=True, disable=rank != 0 or not bar_wanted())
+    bar = make_bar(n_batches, f"eval {'CLM' if collator.causal else 'MLM'}", "batch", leave=False,
+                   disable=rank != 0 or not bar_wanted())
     for b in range(n_batches):
         ids = ids_all[b * micro_batch_size : (b + 1) * micro_batch_size]
         real = len(ids)
