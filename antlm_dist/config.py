@@ -204,8 +204,9 @@ class LoggingConfig:
     """Progress on the console and in log files, experiment trackers and run plots (rank 0 only)."""
 
     progress_interval_s: float = 30.0
-    """Log one progress line (step/total, phase, loss, tokens/s, ETA) at most every N seconds of wall time
-    (0: never), so that files and SLURM logs show progress; the bar shows only on a terminal."""
+    """Log one progress line (step/total, phase, loss, tokens/s, ETA) about every N seconds of wall time,
+    at most N s apart while steps take steady times (0: never), so that files and SLURM logs show
+    progress; the bar shows only on a terminal."""
     tensorboard: bool = False
     """Write TensorBoard event files under ``<output_dir>/tensorboard`` (needs the ``tensorboard`` package)."""
     wandb: WandbConfig | None = None

@@ -1,8 +1,9 @@
 """Training progress on rank 0: a tqdm bar on a terminal, and a periodic log line always.
 
 The bar only helps a person watching a terminal; a file or a SLURM log gets the line
-``step 120/384 (31%) | MLM | loss 4.2130 | 6,912 tokens/s | ETA 3m12s`` at most every
-``logging.progress_interval_s`` seconds, and after the last step.
+``step 120/384 (31%) | MLM | loss 4.2130 | 6,912 tokens/s | ETA 3m12s`` about every
+``logging.progress_interval_s`` seconds (never more than that apart while steps take steady
+times; an evaluation or a checkpoint logs lines of its own), and after the last step.
 
 Whether a terminal is watching is decided where it is known: ``antlm-train`` started
 alone looks at its own stderr and passes the answer to the ranks it starts in
@@ -78,7 +79,8 @@ class ProgressReporter:
     Args:
         total_steps: optimizer steps of the whole schedule.
         start_step: steps already done (a resumed run).
-        interval_s: least wall time between two lines (s); 0 turns the line off.
+        interval_s: most wall time between two lines (s): a line comes after the last step that
+            ends before the next one, if as long, would pass it; 0 turns the line off.
         bar: show a tqdm bar (on stderr); log records then go through ``tqdm.write`` so the
             bar stays at the bottom.
         clock: monotonic time in seconds (tests pass their own).
@@ -89,7 +91,7 @@ class ProgressReporter:
                  clock: Callable[[], float] = time.monotonic, emit: Callable[[str], None] | None = None):
         self.total, self.start_step, self.interval_s = total_steps, start_step, interval_s
         self.clock, self.emit = clock, emit or log.info
-        self.t_start = self.t_last_line = clock()
+        self.t_start = self.t_last_line = self.t_prev_update = clock()
         self.window_tokens, self.window_time_s = 0.0, 0.0
         self.bar, self._redirect = None, None
         if bar:
@@ -122,7 +124,10 @@ class ProgressReporter:
             self.bar.update(1)
             self.bar.set_postfix(phase=phase, loss=f"{loss:.3f}", refresh=False)
         now = self.clock()
-        due = self.interval_s > 0 and (now - self.t_last_line >= self.interval_s or step == self.total)
+        step_wall_s, self.t_prev_update = now - self.t_prev_update, now
+        # log now if waiting for the next step (as long as this one) would leave more than interval_s
+        # between two lines: lines stay at most interval_s apart while steps take steady times
+        due = self.interval_s > 0 and (now - self.t_last_line + step_wall_s >= self.interval_s or step == self.total)
         if not due:
             return None
         line = format_progress_line(step, self.total, phase, loss,

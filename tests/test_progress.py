@@ -47,32 +47,33 @@ def test_durations_read_as_hours_minutes_seconds():
     assert format_duration(None) == format_duration(float("nan")) == format_duration(-1) == "?"
 
 
-def test_line_comes_once_per_interval_with_window_throughput_and_eta():
+def test_line_comes_before_the_interval_would_pass_with_window_throughput_and_eta():
     clock, lines = FakeClock(), []
     total, tokens = 10, 4096
     rep = ProgressReporter(total, 0, interval_s=30.0, clock=clock, emit=lines.append)
     t0 = clock.now
-    step_times = {1: 2.0, 2: 3.0, 3: 4.0, 4: 1.0}
-    clock.now = t0 + 10
-    assert rep.update(1, "CLM", 5.5, tokens, step_times[1]) is None  # 10 s < 30 s: no line yet
-    clock.now = t0 + 31
-    line = rep.update(2, "CLM", 5.25, tokens, step_times[2])
+    step_times = {1: 2.0, 2: 3.0, 3: 4.0, 4: 1.0, 5: 2.5}
+
+    def at(seconds, step, phase, loss):
+        clock.now = t0 + seconds
+        return rep.update(step, phase, loss, tokens, step_times.get(step, 0.1))
+
+    assert at(10, 1, "CLM", 5.5) is None  # 10 s since the start, next step due at ~20 s: no line
+    assert at(16, 2, "CLM", 5.4) is None  # 16 s + a 6 s step = 22 s < 30 s
+    line = at(25, 3, "CLM", 5.25)  # 25 s + a 9 s step would pass 30 s: log now
     assert lines == [line]
     got = parse_line(line)
-    assert (got["step"], got["total"], got["pct"], got["phase"], got["loss"]) == (2, 10, 20, "CLM", 5.25)
-    assert got["tokens_per_s"] == round(2 * tokens / (step_times[1] + step_times[2]))
-    assert got["eta"] == format_duration(31 / 2 * (total - 2))
-    clock.now = t0 + 50  # 19 s after the last line
-    assert rep.update(3, "MLM", 4.0, tokens, step_times[3]) is None
-    clock.now = t0 + 62
-    got = parse_line(rep.update(4, "MLM", 3.9, tokens, step_times[4]))
-    # the window restarts after each line: steps 3 and 4 only
-    assert got["tokens_per_s"] == round(2 * tokens / (step_times[3] + step_times[4]))
-    assert got["phase"] == "MLM" and got["eta"] == format_duration(62 / 4 * (total - 4))
-    clock.now = t0 + 63
-    for step in range(5, total):
-        assert rep.update(step, "CLM", 3.0, tokens, 0.1) is None
-    assert parse_line(rep.update(total, "CLM", 3.0, tokens, 0.1))["step"] == total  # the last step always logs
+    assert (got["step"], got["total"], got["pct"], got["phase"], got["loss"]) == (3, 10, 30, "CLM", 5.25)
+    assert got["tokens_per_s"] == round(3 * tokens / (step_times[1] + step_times[2] + step_times[3]))
+    assert got["eta"] == format_duration(25 / 3 * (total - 3))
+    assert at(35, 4, "MLM", 4.0) is None  # 10 s since the line, 10 s steps
+    got = parse_line(at(47, 5, "MLM", 3.9))  # 22 s + 12 s > 30 s
+    # the window restarts after each line: steps 4 and 5 only
+    assert got["tokens_per_s"] == round(2 * tokens / (step_times[4] + step_times[5]))
+    assert got["phase"] == "MLM" and got["eta"] == format_duration(47 / 5 * (total - 5))
+    for step in range(6, total):
+        assert at(42 + step, step, "CLM", 3.0) is None
+    assert parse_line(at(53, total, "CLM", 3.0))["step"] == total  # the last step always logs
     assert len(lines) == 3
     rep.close()
 
