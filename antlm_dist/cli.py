@@ -37,7 +37,7 @@ def train_main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "antlm_dist.train", *argv]
     env = dict(os.environ, **{PREFLIGHT_DONE_ENV: "1"})  # the ranks skip the checks done here (corpus read once)
-    env[PROGRESS_ENV] = "1" if bar_wanted() else "0"  # the ranks' stderr is a pipe: only this process can tell
+    env[PROGRESS_ENV] = "1" if bar_wanted() else "0"  # the ranks cannot tell: torchrun may pipe their stderr
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.call(cmd, env=env)
 
