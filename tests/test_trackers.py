@@ -60,6 +60,7 @@ def tracked_run(tmp_path_factory, tiny_tokenizer, data_cache):
     return out, proc
 
 
+@pytest.mark.slow
 def test_log_file_has_a_progress_line_per_step_and_no_bar(tracked_run):
     out, proc = tracked_run
     lines = re.findall(r"step (\d+)/(\d+) \(\d+%\) \| (\w+) \| loss ([\d.]+) \| [\d,]+ tokens/s \| ETA \S+",
@@ -72,6 +73,7 @@ def test_log_file_has_a_progress_line_per_step_and_no_bar(tracked_run):
     assert "step/s" not in proc.stderr  # stderr is a pipe: no tqdm bar
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_metrics(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -140,6 +142,7 @@ def _wandb_history(run_folder: Path) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_the_metrics(tracked_run):
     out, _ = tracked_run
     (run_folder,) = (out / "wandb").glob("offline-run-*")
@@ -158,6 +161,7 @@ def test_wandb_offline_run_holds_the_metrics(tracked_run):
         assert by_step[rec["step"]]["eval/mlm_loss"] == pytest.approx(rec["mlm_loss"], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_run_ends_with_its_plots(tracked_run):
     out, proc = tracked_run
     for name in PLOT_FILES:
