@@ -263,6 +263,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:  # an optional section: its own field errors
+            return _build(sections[0], value, where)
         for arg in args:
             if arg is type(None):
                 continue

@@ -29,6 +29,20 @@ def test_scalar_names_follow_the_record_fields():
     assert scalars_of("checkpoint", {"step": 4, "path": "p"}) == {}
 
 
+def test_logging_section_reads_and_rejects_like_the_others():
+    from antlm_dist.config import ConfigError, WandbConfig, load_recipe
+
+    assert load_recipe("demo-cpu").logging.wandb is None
+    assert load_recipe("demo-cpu", ["logging.wandb={}"]).logging.wandb == WandbConfig()
+    assert load_recipe("demo-cpu", ["logging.wandb.project=babylm"]).logging.wandb.project == "babylm"
+    for override, needle in (("logging.wandb.mode=cloud", "logging.wandb.mode='cloud' is not allowed"),
+                             ("logging.wandb.team=x", "logging.wandb.team is not a known field"),
+                             ("logging.progress_interval_s=-1", "logging.progress_interval_s=-1.0 must be >= 0"),
+                             ("logging.tensorboard=maybe", "logging.tensorboard: expected true or false")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_recipe("demo-cpu", [override])
+
+
 def test_missing_tracker_package_stops_in_preflight(tmp_path, capsys, tiny_args, monkeypatch):
     from antlm_dist.cli import train_main
 
