@@ -348,9 +348,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     t0 = time.perf_counter()
-    print(f"exporting {args.checkpoint} to {args.out}: consolidating the ZeRO shards, then writing safetensors ...",
-          file=sys.stderr, flush=True)  # the one slow stage has no natural unit for a bar
     try:
+        ckpt_dir, tag, _ = resolve_checkpoint(args.checkpoint)  # a bad path fails with one line, before this one
+        print(f"exporting {ckpt_dir / tag} to {args.out}: consolidating the ZeRO shards, then writing "
+              "safetensors ...", file=sys.stderr, flush=True)  # the slow stage has no natural unit for a bar
         out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, untrained=args.untrained)
     except (ValueError, CheckpointError) as exc:  # ExportError, ConfigError, TokenizerError
         print(f"antlm-export: error: {exc}", file=sys.stderr)
