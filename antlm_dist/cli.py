@@ -1,4 +1,5 @@
-"""Console entry points: ``antlm-train``, ``antlm-export``, ``antlm-eval``, ``antlm-bench``, ``antlm-study``."""
+"""Console entry points: ``antlm-train``, ``antlm-export``, ``antlm-eval``, ``antlm-bench``, ``antlm-study``,
+``antlm-plot``."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ def train_main(argv: list[str] | None = None) -> int:
     ``distributed.nproc_per_node`` local ranks (2 by default) with ``torchrun --standalone``.
     The recipe is validated here first, so a bad recipe fails before any rank starts.
     ``--print-config`` and ``--dry-run`` stop after the checks (see :mod:`antlm_dist.dry_run`)."""
+    from antlm_dist.progress import PROGRESS_ENV, bar_wanted
     from antlm_dist.train import PREFLIGHT_DONE_ENV, main, parse_args, preflight
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -41,6 +43,7 @@ def train_main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "antlm_dist.train", *argv]
     env = dict(os.environ, **{PREFLIGHT_DONE_ENV: "1"})  # the ranks skip the checks done here (corpus read once)
+    env[PROGRESS_ENV] = "1" if bar_wanted() else "0"  # the ranks cannot tell: torchrun may pipe their stderr
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.call(cmd, env=env)
 
@@ -94,6 +97,12 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 def study_main(argv: list[str] | None = None) -> int:
     from antlm_dist.study.cli import main
+
+    return main(argv)
+
+
+def plot_main(argv: list[str] | None = None) -> int:
+    from antlm_dist.plots import main
 
     return main(argv)
 

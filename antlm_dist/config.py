@@ -192,6 +192,36 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases run settings (``logging.wandb``); needs the ``wandb`` package."""
+
+    project: str = "antlm-dist"
+    """W&B project name."""
+    mode: str = "offline"
+    """``offline`` (writes ``<output_dir>/wandb/offline-run-*``; upload later with ``wandb sync``) or ``online``."""
+    entity: str | None = None
+    """W&B team or user; ``None`` means the account's default."""
+    name: str | None = None
+    """Run name; ``None`` means the recipe name."""
+
+
+@dataclass
+class LoggingConfig:
+    """Progress on the console and in log files, experiment trackers and run plots (rank 0 only)."""
+
+    progress_interval_s: float = 30.0
+    """Log one progress line (step/total, phase, loss, tokens/s, ETA) about every N seconds of wall time,
+    at most N s apart while steps take steady times (0: never), so that files and SLURM logs show
+    progress; the bar shows only on a terminal."""
+    tensorboard: bool = False
+    """Write TensorBoard event files under ``<output_dir>/tensorboard`` (needs the ``tensorboard`` package)."""
+    wandb: WandbConfig | None = None
+    """Log to Weights & Biases with these settings, e.g. ``{project: babylm, mode: offline}``; ``None``: off."""
+    plots: bool = True
+    """Draw ``<output_dir>/plots/*.png`` when the run ends (as ``antlm-plot`` does); a failure only warns."""
+
+
+@dataclass
 class DebugConfig:
     """Fault injection and slow-downs for tests of the launchers; read once at start-up.
     Leave them at their defaults for real runs."""
@@ -217,6 +247,7 @@ class Recipe:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict:
@@ -238,6 +269,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:  # an optional section: its own field errors
+            return _build(sections[0], value, where)
         for arg in args:
             if arg is type(None):
                 continue
@@ -451,7 +485,7 @@ def validate_recipe(r: Recipe) -> None:
 
 
 def _validate_run_settings(r: Recipe) -> None:
-    """``train``, ``distributed``, ``eval``, ``checkpoint`` and ``debug``: ranges and choices."""
+    """``train``, ``distributed``, ``eval``, ``checkpoint``, ``logging`` and ``debug``: ranges and choices."""
     t = r.train
     _positive(t.micro_batch_size, "train.micro_batch_size")
     _positive(t.gradient_accumulation_steps, "train.gradient_accumulation_steps")
@@ -470,6 +504,9 @@ def _validate_run_settings(r: Recipe) -> None:
     _positive(r.eval.every_steps, "eval.every_steps", allow_zero=True)
     _positive(r.checkpoint.every_steps, "checkpoint.every_steps", allow_zero=True)
     _positive(r.checkpoint.keep_last, "checkpoint.keep_last", allow_zero=True)
+    _positive(r.logging.progress_interval_s, "logging.progress_interval_s", allow_zero=True)
+    if r.logging.wandb is not None:
+        _choice(r.logging.wandb.mode, ("offline", "online"), "logging.wandb.mode")
     _positive(r.debug.step_delay_s, "debug.step_delay_s", allow_zero=True)
     _positive(r.debug.fault_phase_rank, "debug.fault_phase_rank", allow_zero=True)
 

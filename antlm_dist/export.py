@@ -40,6 +40,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -376,14 +377,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     from antlm_dist.checkpoint import CheckpointError
 
+    t0 = time.perf_counter()
     try:
+        ckpt_dir, tag, _ = resolve_checkpoint(args.checkpoint)  # a bad path fails with one line, before this one
+        print(f"exporting {ckpt_dir / tag} to {args.out}: consolidating the ZeRO shards, then writing "
+              "safetensors ...", file=sys.stderr, flush=True)  # the slow stage has no natural unit for a bar
         out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, untrained=args.untrained)
     except (ValueError, CheckpointError) as exc:  # ExportError, ConfigError, TokenizerError
         print(f"antlm-export: error: {exc}", file=sys.stderr)
         return 2
     meta = read_antlm_meta(out)
     print(f"exported {'untrained ' if meta.get('untrained') else ''}step {meta.get('step')} "
-          f"({meta.get('schedule')}) to {out}")
+          f"({meta.get('schedule')}) to {out} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

@@ -16,11 +16,16 @@ def _clean(value):
 
 
 class MetricsWriter:
-    """Append records to ``path`` (line-buffered, flushed per record). No-op when disabled."""
+    """Append records to ``path`` (line-buffered, flushed per record). No-op when disabled.
 
-    def __init__(self, path: Path, enabled: bool):
+    ``sink``, when given, is called as ``sink(kind, record)`` after each record is written
+    (the experiment trackers of :mod:`antlm_dist.trackers`), and its ``close()`` on close.
+    """
+
+    def __init__(self, path: Path, enabled: bool, sink=None):
         self.path = Path(path)
         self.enabled = enabled
+        self.sink = sink if enabled else None
         self._f = open(self.path, "a", encoding="utf-8", buffering=1) if enabled else None
 
     def write(self, kind: str, **fields) -> None:
@@ -28,8 +33,13 @@ class MetricsWriter:
             return
         record = {"type": kind, "time": round(time.time(), 3), **{k: _clean(v) for k, v in fields.items()}}
         self._f.write(json.dumps(record) + "\n")
+        if self.sink is not None:
+            self.sink(kind, record)
 
     def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
         if self._f is not None:
             self._f.close()
             self._f = None

@@ -9,6 +9,8 @@ Layout::
     <run>/checkpoints/    see antlm_dist.checkpoint
     <run>/cache/          packed-block cache (unless data.cache_dir is set)
     <run>/summary.json    final figures, written when the schedule completes
+    <run>/plots/          loss, held-out loss, LR and tokens/s PNGs (see antlm_dist.plots)
+    <run>/tensorboard/    event files when logging.tensorboard is on; <run>/wandb/ likewise
     <run>/PREEMPTED       the step at which a preemption signal stopped the run
 
 A folder that holds a run (any of :data:`RUN_MARKERS`) is only reused with ``--resume``
@@ -30,7 +32,7 @@ PREEMPTED_MARKER = "PREEMPTED"
 """Written into the run folder beside exit status 75, because torchrun reports any failed
 worker as exit status 1: launch/slurm/antlm.sbatch requeues when it finds this file.
 Removed when the next run in the folder starts."""
-_OVERWRITTEN = RUN_MARKERS + ("tokenizer", "summary.json", "recipe.yaml", "logs")
+_OVERWRITTEN = RUN_MARKERS + ("tokenizer", "summary.json", "recipe.yaml", "logs", "plots", "tensorboard", "wandb")
 
 
 class RunFolder:

@@ -72,8 +72,8 @@ def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = Tru
     non-empty and UTF-8, which reads every file), the DeepSpeed JSON against the recipe's
     batch sizes for ``world_size``, the kernel backends and head dims for this machine,
     that no abandoned torch-extension build lock would hang the start, and a given
-    ``tokenizer.path`` against ``model.vocab_size``. The checks that need no torch come
-    first, so a recipe error appears in about a second.
+    ``tokenizer.path`` against ``model.vocab_size``, and that the packages of the trackers the
+    recipe turns on are installed. The checks that need no torch come first, so a recipe error appears in about a second.
 
     Returns:
         (recipe, corpus files).
@@ -84,7 +84,10 @@ def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = Tru
     """
     from antlm_dist.run_folder import RunFolder
 
+    from antlm_dist.trackers import check_trackers
+
     recipe = load_recipe(args.config, args.overrides)
+    check_trackers(recipe.logging)
     RunFolder(args.output_dir).check(args.resume, args.overwrite)
     corpus = find_corpus(recipe.data.corpus, validate=read_corpus)
     from antlm_dist.distributed import build_ds_config, check_build_locks

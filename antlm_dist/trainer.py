@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -41,12 +40,15 @@ from antlm_dist.distributed import (all_reduce_sum, build_ds_config, build_engin
 from antlm_dist.eval.heldout import evaluate_heldout
 from antlm_dist.metrics import MetricsWriter
 from antlm_dist.model import build_model
+from antlm_dist.plots import plot_run_or_warn
+from antlm_dist.progress import ProgressReporter, bar_wanted
 from antlm_dist.run_folder import PREEMPT_EXIT_CODE, RunFolder
 from antlm_dist.schedule import (check_phase_agreement, format_schedule, parse_schedule, phase_for_step,
                                  total_epochs, total_steps)
 from antlm_dist.seeding import seed_model_init
 from antlm_dist.telemetry import Telemetry
 from antlm_dist.telemetry.flops import FlopModel, mfu, peak_flops_per_device
+from antlm_dist.trackers import build_trackers
 
 log = logging.getLogger("antlm_dist")
 
@@ -169,7 +171,8 @@ class Trainer:
             log.info("MFU peak: %.3f TFLOP/s per device (%s)", self.peak_flops / 1e12, peak_source)
         self.telemetry = Telemetry(device, interval_s=0.5).start()
         self.start_step = self._load_resume_point(resume_point) if resume_point else 0
-        self.metrics = MetricsWriter(run.metrics_path, enabled=self.rank == 0)
+        trackers = build_trackers(recipe.logging, run.path, recipe.name, recipe.to_dict()) if self.rank == 0 else None
+        self.metrics = MetricsWriter(run.metrics_path, enabled=self.rank == 0, sink=trackers)
         self._write_start()
         self.preempt = PreemptionFlag()
         self.progress, self.last_eval, self.checked_phase = None, None, None
@@ -356,8 +359,7 @@ class Trainer:
                 **result.window.summary.gpu_metrics(),
             )
         if self.progress is not None:
-            self.progress.update(1)
-            self.progress.set_postfix(phase=phase.objective, loss=f"{result.loss:.3f}")
+            self.progress.update(step, phase.objective, result.loss, self.tokens_per_step, result.step_time_s)
 
     def _phase_end(self, step: int, phase) -> bool:
         return step == phase.phase_end_step or step == self.n_steps
@@ -426,12 +428,12 @@ class Trainer:
                      summary["checkpoint"])
         self.telemetry.stop()
         self.metrics.close()
+        if self.rank == 0 and self.recipe.logging.plots:
+            plot_run_or_warn(self.run.path)
 
     def _progress_bar(self):
-        """A tqdm bar on rank 0 when stderr is a terminal (or ``ANTLM_PROGRESS=1``), else None."""
+        """Rank 0's :class:`~antlm_dist.progress.ProgressReporter` (bar on a terminal, periodic line), else None."""
         if self.rank != 0:
             return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=self.n_steps, initial=self.start_step, desc="train", unit="step", dynamic_ncols=True,
-                    disable=not sys.stderr.isatty() and os.environ.get("ANTLM_PROGRESS") != "1")
+        return ProgressReporter(self.n_steps, self.start_step, interval_s=self.recipe.logging.progress_interval_s,
+                                bar=bar_wanted())

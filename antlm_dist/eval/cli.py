@@ -28,6 +28,7 @@ from pathlib import Path
 
 # torch and the scoring modules are imported inside the commands, so ``--help`` and argument
 # errors answer at once.
+from antlm_dist.progress import bar_wanted
 
 MODE_TITLES = {"clm": "CLM", "mlm": "MLM (PLL)", "mntp": "MNTP (PLL)"}
 
@@ -80,8 +81,10 @@ def run_blimp(args: argparse.Namespace) -> dict:
     for mode in modes:
         t0 = time.perf_counter()
         metric = "original" if mode == "clm" else args.pll_metric
+        print(f"{mode_title(mode, metric)}: scoring {len(pairs)} pairs ...", file=sys.stderr, flush=True)
         scored = score_pairs(model, tok, pairs, mode, batch_size=args.batch_size, prefix_id=prefix_id,
-                             progress=not args.no_progress, pll_metric=metric)
+                             progress=not args.no_progress and bar_wanted(),  # no bar in a log file
+                             pll_metric=metric)
         wall[mode] = time.perf_counter() - t0
         results[mode] = summarize(pairs, scored["correct"], scored["tie"])
         per_pair += [{"mode": mode, "source": p.source, "uid": p.uid, "good": g, "bad": b, "tie": t}
@@ -138,6 +141,7 @@ def run_heldout(args: argparse.Namespace) -> dict:
         blocks = blocks[:max_blocks]
     clm, mlm = make_collators(recipe, tok)
     t0 = time.perf_counter()
+    print(f"evaluating {blocks.shape[0]} blocks (CLM, then MLM) ...", file=sys.stderr, flush=True)
     res = evaluate_heldout(model, blocks, clm, mlm, args.batch_size, device)
     report = {"model": str(args.model), "corpus": corpus.root, "blocks": int(blocks.shape[0]), "seq_len": seq_len,
               "wall_time_s": time.perf_counter() - t0, **res}
@@ -215,7 +219,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="auto (default): cuda when a GPU is visible, else cpu")
     b.add_argument("--prefix", choices=("bos", "eos"), default="bos",
                    help="context token before each sentence: <s> (default) or </s> (the trainer's line separator)")
-    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b.add_argument("--no-progress", action="store_true",
+                   help="hide the progress bar (it shows only when stderr is a terminal, or with ANTLM_PROGRESS=1)")
     b.set_defaults(func=run_blimp)
 
     h = sub.add_parser("heldout", help="CLM perplexity and MLM loss/accuracy on the corpus's .dev files")

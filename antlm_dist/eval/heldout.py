@@ -3,16 +3,22 @@
 CLM: mean next-token cross-entropy (nats) over every position with a label, and its
 perplexity exp(loss). MLM: mean cross-entropy and top-1 accuracy over the selected
 positions, with masks drawn from a fixed evaluation seed so evaluations are comparable.
+A tqdm bar over the batches shows on rank 0 when a terminal watches
+(:func:`antlm_dist.progress.bar_wanted`).
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from antlm_dist.distributed import all_reduce_sum, world_info
 from antlm_dist.kernels.masked_token_loss import IGNORE_INDEX
+from antlm_dist.progress import bar_wanted, make_bar
 from antlm_dist.seeding import EVAL_EPOCH
+
+log = logging.getLogger("antlm_dist")
 
 
 @torch.no_grad()
@@ -39,6 +45,8 @@ def evaluate_objective(model, blocks: torch.Tensor, collator, micro_batch_size: 
     n_batches = math.ceil(per_rank / micro_batch_size) if per_rank else 0
     ids_all = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
     totals = [0.0, 0.0, 0.0]
+    bar = make_bar(n_batches, f"eval {'CLM' if collator.causal else 'MLM'}", "batch", leave=False,
+                   disable=rank != 0 or not bar_wanted())
     for b in range(n_batches):
         ids = ids_all[b * micro_batch_size : (b + 1) * micro_batch_size]
         real = len(ids)
@@ -53,6 +61,8 @@ def evaluate_objective(model, blocks: torch.Tensor, collator, micro_batch_size: 
         totals[0] += float(out.loss_sum)
         totals[1] += float(out.n_targets)
         totals[2] += float(out.n_correct)
+        bar.update(1)
+    bar.close()
     loss_sum, count, correct = all_reduce_sum(totals, device)
     loss = loss_sum / count if count else float("nan")
     return {"loss": loss, "accuracy": correct / count if count else float("nan"),
@@ -60,7 +70,10 @@ def evaluate_objective(model, blocks: torch.Tensor, collator, micro_batch_size: 
 
 
 def evaluate_heldout(model, blocks: torch.Tensor, clm_collator, mlm_collator, micro_batch_size: int, device) -> dict:
-    """Both objectives: ``{"clm": {...}, "mlm": {...}}`` (see :func:`evaluate_objective`)."""
+    """Both objectives: ``{"clm": {...}, "mlm": {...}}`` (see :func:`evaluate_objective`).
+
+    Logs one line before it starts; a bar over the batches shows on a terminal (rank 0)."""
+    log.info("held-out evaluation: %d blocks, CLM and MLM, micro-batch %d", blocks.shape[0], micro_batch_size)
     was_training = getattr(model, "training", False)
     model.eval()
     try:
