@@ -134,7 +134,7 @@ def test_launcher_passes_the_terminal_down_to_the_ranks(monkeypatch, terminal):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr("sys.stderr", FakeTTY() if terminal else io.StringIO())
-    monkeypatch.setattr(train, "preflight", lambda args, nproc: None)
+    monkeypatch.setattr(train, "preflight", lambda args, nproc: (None, None))
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: seen.update(env) or 0)
     assert cli.train_main(["--output-dir", "/nonexistent/run", "--nproc-per-node", "2"]) == 0
     assert seen[PROGRESS_ENV] == ("1" if terminal else "0")
