@@ -7,16 +7,23 @@ import time
 from pathlib import Path
 
 
+def _nonfinite(value) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    """Non-finite floats become JSON ``null`` (strict JSON has no NaN or Infinity)."""
+    if _nonfinite(value):
+        return None
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     return value
 
 
 class MetricsWriter:
-    """Append records to ``path`` (line-buffered, flushed per record). No-op when disabled."""
+    """Append records to ``path`` (line-buffered, flushed per record). No-op when disabled.
+
+    A NaN or ±inf field is written as ``null``, and the record gets ``"nonfinite": [names]``."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path = Path(path)
@@ -27,6 +34,9 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"type": kind, "time": round(time.time(), 3), **{k: _clean(v) for k, v in fields.items()}}
+        bad = [k for k, v in fields.items() if _nonfinite(v)]
+        if bad:  # the names of the fields written as null because they were NaN or ±inf
+            record["nonfinite"] = bad
         self._f.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
