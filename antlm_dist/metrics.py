@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -43,6 +44,32 @@ class MetricsWriter:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Remove the records of steps after ``step`` from ``path``; returns how many.
+
+    A run killed after its last checkpoint logged steps that a resume from that checkpoint
+    trains again; without this, metrics.jsonl would hold those steps twice. Records without
+    a ``step`` are kept. The file is replaced atomically (a temporary file, then a rename).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        rec_step = json.loads(line).get("step")
+        if isinstance(rec_step, int) and rec_step > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
 
 
 def read_metrics(path: Path, kind: str | None = None) -> list[dict]:

@@ -10,6 +10,7 @@ Layout::
     <run>/cache/          packed-block cache (unless data.cache_dir is set)
     <run>/summary.json    final figures, written when the schedule completes
     <run>/PREEMPTED       the step at which a preemption signal stopped the run
+    <run>/run.lock        flock held by the running launch (antlm_dist.run_lock)
 
 A folder that holds a run (any of :data:`RUN_MARKERS`) is only reused with ``--resume``
 (continue it) or ``--overwrite`` (replace it).

@@ -39,7 +39,7 @@ from antlm_dist.data.sampler import DistributedResumableSampler
 from antlm_dist.distributed import (all_reduce_sum, build_ds_config, build_engine, dist_env, resolve_precision,
                                     world_info, zero_stage)
 from antlm_dist.eval.heldout import evaluate_heldout
-from antlm_dist.metrics import MetricsWriter
+from antlm_dist.metrics import MetricsWriter, drop_records_after
 from antlm_dist.model import build_model
 from antlm_dist.nonfinite import NONFINITE_EXIT_CODE, NonFiniteGuard
 from antlm_dist.run_folder import PREEMPT_EXIT_CODE, RunFolder
@@ -169,6 +169,11 @@ class Trainer:
         log.info("MFU peak: %.2f TFLOP/s per device (%s)", self.peak_flops / 1e12, peak_source)
         self.telemetry = Telemetry(device, interval_s=0.5).start()
         self.start_step = self._load_resume_point(resume_point) if resume_point else 0
+        if resume_point and self.rank == 0:  # steps logged after the checkpoint are trained again
+            dropped = drop_records_after(run.metrics_path, self.start_step)
+            if dropped:
+                log.info("metrics.jsonl: removed %d records of steps after %d, which this resume trains again",
+                         dropped, self.start_step)
         self.metrics = MetricsWriter(run.metrics_path, enabled=self.rank == 0)
         self._write_start()
         self.preempt = PreemptionFlag()

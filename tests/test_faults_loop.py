@@ -56,6 +56,23 @@ def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout_s: 
     pytest.fail(f"step {step} not reached within {timeout_s} s")
 
 
+def _warm_data_cache(tiny_args: list[str], tmp: Path) -> None:
+    """Tokenize and pack the tiny recipe's blocks into the shared cache, in this process.
+
+    Rank 0 builds them at start-up while rank 1 waits in a barrier; on a loaded machine that
+    wait can exceed a 30 s collective timeout before the fault under test is injected."""
+    from antlm_dist.config import load_recipe
+    from antlm_dist.data.blocks import load_blocks
+    from antlm_dist.data.corpus import find_corpus
+    from antlm_dist.data.pipeline import prepare_tokenizer
+
+    recipe = load_recipe("demo-cpu", tiny_args)
+    corpus = find_corpus(recipe.data.corpus, validate=False)
+    tok, tok_hash = prepare_tokenizer(recipe, tmp, corpus.train, 0)
+    for files, name in ((corpus.train, "train"), (corpus.dev, "dev")):
+        load_blocks(files, tok, tok_hash, recipe.data.seq_len, Path(recipe.data.cache_dir), 1, True, name)
+
+
 def _rank_processes(run_dir: Path) -> dict[int, psutil.Process]:
     """The training ranks of the run in ``run_dir``, by global rank."""
     out = {}
@@ -91,6 +108,25 @@ def test_metrics_write_nonfinite_numbers_as_null_with_a_flag(tmp_path):
     assert rec["loss"] is None and rec["grad_norm"] is None and rec["mfu"] is None and rec["lr"] == 1e-3
     assert sorted(rec["nonfinite"]) == ["grad_norm", "loss", "mfu"]
     assert "inf" not in line and "NaN" not in line
+
+
+def test_resume_drops_the_records_of_steps_it_trains_again(tmp_path):
+    """A rank killed after the checkpoint of step 4 had logged steps 5 and 6: a resume from
+    step 4 removes those records (and keeps everything else, in order)."""
+    from antlm_dist.metrics import drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    writer = MetricsWriter(path, enabled=True)
+    written = [("start", {"step": 0}), *[("train", {"step": s, "loss": 6.0 - s}) for s in range(1, 7)],
+               ("checkpoint", {"step": 4}), ("eval", {"step": 6}), ("note", {})]
+    for kind, fields in written:
+        writer.write(kind, **fields)
+    writer.close()
+    before = read_metrics(path)
+    expected = [r for r in before if not (isinstance(r.get("step"), int) and r["step"] > 4)]
+    assert drop_records_after(path, 4) == len(before) - len(expected) == 3
+    assert read_metrics(path) == expected
+    assert drop_records_after(path, 4) == 0 and read_metrics(path) == expected
 
 
 def test_nonfinite_guard_counts_consecutive_steps_against_a_loop():
@@ -165,6 +201,7 @@ def test_stopped_rank_makes_every_other_rank_exit_naming_it(tmp_path, tiny_args)
     """Acceptance: with distributed.timeout_minutes=0.5, rank 1 stopped by SIGSTOP makes
     rank 0 exit non-zero within 60 s, naming rank 1."""
     out = tmp_path / "run"
+    _warm_data_cache(tiny_args, tmp_path / "warm")
     proc = _start_cli(["--output-dir", str(out), *tiny_args, STEP_DELAY, "distributed.timeout_minutes=0.5"])
     _wait_for_step(proc, out, 2)
     ranks = _rank_processes(out)
@@ -214,15 +251,17 @@ def test_signal_to_launcher_checkpoints_the_running_step_and_exits_75(tmp_path, 
     step during which the signal came, checkpoint it, and antlm-train exits 75. A second
     run into the same folder meanwhile is refused, naming the launcher's PID."""
     out = tmp_path / "run"
-    args = ["--output-dir", str(out), *tiny_args, STEP_DELAY]
+    # slow steps: the refused second run must fit into the first one's 12 steps
+    args = ["--output-dir", str(out), *tiny_args, f"debug.step_delay_s={8 if how == 'SIGTERM' else 2}"]
     launcher = ("timeout", "-s", "TERM", "1000") if how == "timeout" else ()
     proc = _start_cli(args, *launcher)
     _wait_for_step(proc, out, 1)
     if how == "SIGTERM":  # the lock is taken before any rank starts; check it once
         second = run_cli([*args, "--overwrite"], timeout=300)
         assert second.returncode == 2 and f"PID {proc.pid}" in second.stderr, second.stderr[-2000:]
+        assert "in use by another run" in second.stderr and "Traceback" not in second.stderr
     ranks = _rank_processes(out)
-    seen = _wait_for_step(proc, out, 2)  # just after step `seen` closed: its next step is running
+    seen = _wait_for_step(proc, out, _steps(out)[-1] + 1)  # step `seen` just closed: step seen + 1 is running
     # `timeout` passes a SIGTERM on as it does when its time is up: to the command, then to its group
     proc.send_signal(signal.SIGINT if how == "SIGINT" else signal.SIGTERM)
     code, err = _finish(proc)
