@@ -214,6 +214,7 @@ def test_stopped_rank_makes_every_other_rank_exit_naming_it(tmp_path, tiny_args)
     finally:
         ranks[1].kill()
     code, err = _finish(proc)
+    print(f"rank 0 exited {elapsed:.1f} s after rank 1 was stopped")
     assert elapsed < 60, f"rank 0 needed {elapsed:.0f} s to stop"
     assert code != 0
     assert "rank 1 on" in err and "stopped answering" in err, err[-3000:]
@@ -222,7 +223,8 @@ def test_stopped_rank_makes_every_other_rank_exit_naming_it(tmp_path, tiny_args)
 
 def test_diverged_run_stops_and_keeps_the_last_finite_checkpoint(tmp_path, tiny_args):
     """Acceptance: train.lr=1e3 train.warmup_steps=0 exits non-zero within
-    max_nonfinite_steps + 1 steps; `latest` is the last finite step's checkpoint; no summary."""
+    max_nonfinite_steps + 1 steps of the last finite step; `latest` is that step's
+    checkpoint; no summary. (Before: exit 0, a summary, grad_norm written as "inf".)"""
     out = tmp_path / "run"
     proc = run_cli(["--output-dir", str(out), *tiny_args, "train.lr=1e3", "train.warmup_steps=0",
                     "checkpoint.every_steps=1", "train.max_nonfinite_steps=3"])
@@ -232,8 +234,9 @@ def test_diverged_run_stops_and_keeps_the_last_finite_checkpoint(tmp_path, tiny_
     bad = [r["step"] for r in train if r.get("nonfinite") or r["loss"] is None]
     finite = [r["step"] for r in train if r["step"] not in bad]
     assert bad and finite == list(range(1, finite[-1] + 1)), [(r["step"], r.get("nonfinite")) for r in train]
-    # stopped after exactly max_nonfinite_steps non-finite steps, within max_nonfinite_steps + 1 steps of the start
-    assert train[-1]["step"] - finite[-1] == 3 and train[-1]["step"] <= 3 + 1, (finite, bad)
+    # stopped after exactly max_nonfinite_steps non-finite steps: within max_nonfinite_steps + 1 steps of the
+    # last finite one (the tiny model's loss stays finite, if absurd, for a step or two after the first update)
+    assert bad == list(range(finite[-1] + 1, finite[-1] + 4)) and train[-1]["step"] == finite[-1] + 3, (finite, bad)
     assert all(r["grad_norm"] is None and "grad_norm" in r["nonfinite"] for r in train if r["step"] in bad
                and r.get("nonfinite"))
     assert latest_tag(out / "checkpoints") == tag_for_step(finite[-1])
