@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 
@@ -15,8 +14,10 @@ def _under_launcher() -> bool:
 def train_main(argv: list[str] | None = None) -> int:
     """``antlm-train``. Under a launcher it is one rank; started alone it starts
     ``distributed.nproc_per_node`` local ranks (2 by default) with ``torchrun --standalone``.
-    The recipe is validated here first, so a bad recipe fails before any rank starts.
-    ``--print-config`` and ``--dry-run`` stop after the checks (see :mod:`antlm_dist.dry_run`)."""
+    The recipe is validated here first, so a bad recipe fails before any rank starts; then
+    the run folder's lock is taken, and signals are forwarded to the ranks
+    (:mod:`antlm_dist.launcher`). ``--print-config`` and ``--dry-run`` stop after the checks
+    (see :mod:`antlm_dist.dry_run`)."""
     from antlm_dist.progress import PROGRESS_ENV, bar_wanted
     from antlm_dist.train import PREFLIGHT_DONE_ENV, main, parse_args, preflight
 
@@ -40,12 +41,24 @@ def train_main(argv: list[str] | None = None) -> int:
     if nproc == 1:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
         return main(argv)
+    from antlm_dist.launcher import run_torchrun
+    from antlm_dist.run_lock import LOCK_HELD_ENV, RunLock, RunLockedError
+
+    try:
+        lock = RunLock(args.output_dir).acquire()  # held here until every rank has exited
+    except RunLockedError as exc:
+        print(f"antlm-train: error: {exc}", file=sys.stderr)
+        return 2
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "antlm_dist.train", *argv]
-    env = dict(os.environ, **{PREFLIGHT_DONE_ENV: "1"})  # the ranks skip the checks done here (corpus read once)
+    # the ranks skip the checks done here (corpus read once) and the lock held here
+    env = dict(os.environ, **{PREFLIGHT_DONE_ENV: "1", LOCK_HELD_ENV: "1"})
     env[PROGRESS_ENV] = "1" if bar_wanted() else "0"  # the ranks cannot tell: torchrun may pipe their stderr
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
+    try:
+        return run_torchrun(cmd, env, args.output_dir)
+    finally:
+        lock.release()
 
 
 def _print_config(args, nproc: int) -> int:

@@ -149,6 +149,9 @@ class TrainConfig:
     """Stop (after checkpointing) once this many optimizer steps are done; the LR schedule is unaffected."""
     log_every_steps: int = 1
     """Write a ``train`` record to metrics.jsonl every N steps."""
+    max_nonfinite_steps: int = 3
+    """Stop every rank (exit status 3, no checkpoint) after this many consecutive optimizer
+    steps with a non-finite loss or gradient norm, or skipped by DeepSpeed for an overflow."""
 
 
 @dataclass
@@ -227,8 +230,9 @@ class DebugConfig:
     Leave them at their defaults for real runs."""
 
     step_delay_s: float = 0.0
-    """Sleep this many seconds after every optimizer step, so that a launcher test can signal
-    or kill a rank mid-phase (a tiny test recipe otherwise trains a dozen steps in a second)."""
+    """Sleep this many seconds in every optimizer step, before its closing all-reduce, so that
+    a launcher test can signal, stop or kill a rank inside a step (a tiny test recipe otherwise
+    trains a dozen steps in a second)."""
     fault_phase_rank: int | None = None
     """This global rank believes it trains the next phase, to test the phase-desync check."""
 
@@ -494,6 +498,7 @@ def _validate_run_settings(r: Recipe) -> None:
     _positive(t.grad_clip, "train.grad_clip", allow_zero=True)
     _positive(t.stop_at_step, "train.stop_at_step")
     _positive(t.log_every_steps, "train.log_every_steps")
+    _positive(t.max_nonfinite_steps, "train.max_nonfinite_steps")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     _choice(t.precision, ("auto", "bf16", "fp16", "fp32"), "train.precision")

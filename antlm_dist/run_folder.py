@@ -12,6 +12,7 @@ Layout::
     <run>/plots/          loss, held-out loss, LR and tokens/s PNGs (see antlm_dist.plots)
     <run>/tensorboard/    event files when logging.tensorboard is on; <run>/wandb/ likewise
     <run>/PREEMPTED       the step at which a preemption signal stopped the run
+    <run>/run.lock        flock held by the running launch (antlm_dist.run_lock)
 
 A folder that holds a run (any of :data:`RUN_MARKERS`) is only reused with ``--resume``
 (continue it) or ``--overwrite`` (replace it).

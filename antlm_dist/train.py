@@ -24,6 +24,8 @@ PREFLIGHT_DONE_ENV = "ANTLM_PREFLIGHT_DONE"
 :func:`preflight` (which reads every corpus file), so the ranks only load the recipe."""
 _RANK_ADDRESSES: list = []  # (hostname, addresses) per global rank, gathered at start-up
 _TIMEOUT_MINUTES: list = []
+_RUN_LOCK: list = []
+_WATCHDOG: list = []  # this rank's heartbeat watchdog, to name a silent peer when a collective fails
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -129,10 +131,14 @@ def run(args: argparse.Namespace) -> int:
     from antlm_dist.distributed import dist_env, init_distributed, pick_device, world_info
     from antlm_dist.faults import format_rank_table, gather_rank_addresses
     from antlm_dist.run_folder import RunFolder
+    from antlm_dist.run_lock import LOCK_HELD_ENV, RunLock
     from antlm_dist.trainer import Trainer
+    from antlm_dist.watchdog import start_watchdog
 
     env_rank, local_rank, env_world = dist_env()
     recipe, corpus = _recipe_and_corpus(args, env_rank, env_world)
+    if env_rank == 0 and os.environ.get(LOCK_HELD_ENV) != "1":  # another launcher: rank 0 holds the run folder
+        _RUN_LOCK[:] = [RunLock(args.output_dir).acquire()]  # released when this process exits
     device = pick_device(local_rank)
     setup_logging(env_rank)
     init_distributed(recipe, device)
@@ -142,9 +148,14 @@ def run(args: argparse.Namespace) -> int:
     if world > 1:
         log.info("%d ranks on %d hosts: %s", world, len({h for h, _ in _RANK_ADDRESSES}),
                  format_rank_table(_RANK_ADDRESSES))
+    watchdog = start_watchdog(recipe.distributed.timeout_minutes, [h for h, _ in _RANK_ADDRESSES])
+    _WATCHDOG[:] = [watchdog] if watchdog else []
     trainer = Trainer(recipe, RunFolder(args.output_dir, rank), corpus, device, resume=args.resume,
                       overwrite=args.overwrite, recipe_source=str(args.config))
-    return trainer.train()
+    code = trainer.train()
+    if watchdog is not None:
+        watchdog.close(finished=True)  # the peers stop watching this rank, which now leaves
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,8 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, PhaseDesyncError) or not is_comm_failure(exc):
             raise
         rank, world = world_info()
-        print(comm_failure_message(exc, _RANK_ADDRESSES, rank, world, (_TIMEOUT_MINUTES or [0])[0]),
-              file=sys.stderr, flush=True)
+        msg = comm_failure_message(exc, _RANK_ADDRESSES, rank, world, (_TIMEOUT_MINUTES or [0])[0])
+        silent = _WATCHDOG[0].silent_ranks(60 * _TIMEOUT_MINUTES[0] / 2) if _WATCHDOG else []
+        if silent:  # a collective timed out: the heartbeats tell which peer stopped answering
+            msg += f" ({_WATCHDOG[0].describe(silent)} sent no heartbeat for the last {30 * _TIMEOUT_MINUTES[0]:g} s)"
+        print(msg, file=sys.stderr, flush=True)
         os._exit(1)  # the process group is broken: tearing it down could block on the dead peer
     finally:
         import torch.distributed as dist

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -38,10 +39,11 @@ from antlm_dist.data.sampler import DistributedResumableSampler
 from antlm_dist.distributed import (all_reduce_sum, build_ds_config, build_engine, dist_env, resolve_precision,
                                     world_info, zero_stage)
 from antlm_dist.eval.heldout import evaluate_heldout
-from antlm_dist.metrics import MetricsWriter
+from antlm_dist.metrics import MetricsWriter, drop_records_after
 from antlm_dist.model import build_model
 from antlm_dist.plots import plot_run_or_warn
 from antlm_dist.progress import ProgressReporter, bar_wanted
+from antlm_dist.nonfinite import NONFINITE_EXIT_CODE, NonFiniteGuard
 from antlm_dist.run_folder import PREEMPT_EXIT_CODE, RunFolder
 from antlm_dist.schedule import (check_phase_agreement, format_schedule, parse_schedule, phase_for_step,
                                  total_epochs, total_steps)
@@ -70,7 +72,8 @@ def global_batch_step(engine, micro_batches, *, causal: bool, device, extra=()) 
             length must equal the engine's ``gradient_accumulation_steps``.
         causal: the phase's attention mask.
         extra: further numbers to sum over ranks in the closing all-reduce (e.g. the
-            preemption flag), returned after the standard ones.
+            preemption flag), returned after the standard ones; or a callable returning
+            them, called after the last micro-batch, just before that all-reduce.
 
     Returns:
         (global summed loss in nats, N_global, global top-1 hits, *summed extras).
@@ -94,6 +97,7 @@ def global_batch_step(engine, micro_batches, *, causal: bool, device, extra=()) 
         sums[0] += res.loss_sum.detach().double()
         sums[1] += res.n_correct.double()
     loss_sum, correct = sums.tolist()
+    extra = extra() if callable(extra) else extra
     loss_total, correct_total, *rest = all_reduce_sum([loss_sum, correct, *extra], device)
     return (loss_total, n_global, correct_total, *rest)
 
@@ -171,11 +175,19 @@ class Trainer:
             log.info("MFU peak: %.3f TFLOP/s per device (%s)", self.peak_flops / 1e12, peak_source)
         self.telemetry = Telemetry(device, interval_s=0.5).start()
         self.start_step = self._load_resume_point(resume_point) if resume_point else 0
+        if resume_point and self.rank == 0:  # steps logged after the checkpoint are trained again
+            dropped = drop_records_after(run.metrics_path, self.start_step)
+            if dropped:
+                log.info("metrics.jsonl: removed %d records of steps after %d, which this resume trains again",
+                         dropped, self.start_step)
         trackers = build_trackers(recipe.logging, run.path, recipe.name, recipe.to_dict()) if self.rank == 0 else None
         self.metrics = MetricsWriter(run.metrics_path, enabled=self.rank == 0, sink=trackers)
         self._write_start()
         self.preempt = PreemptionFlag()
+        self.nonfinite = NonFiniteGuard(recipe.train.max_nonfinite_steps)
+        self._skipped_steps = getattr(self.engine, "skipped_steps", 0)  # DeepSpeed's overflow count (restored)
         self.progress, self.last_eval, self.checked_phase = None, None, None
+        self.failed = False  # set by a stop that must not write the summary
 
     # ---- building
 
@@ -301,14 +313,16 @@ class Trainer:
                 self.check_phase(index, phase)  # one all-reduce at a switch: every rank trains the same phase
                 result = self.train_step(phase, micro)
                 step = index + 1  # optimizer steps done
-                self._debug_delay()
                 self.log_step(step, phase, result)
-                self.maybe_evaluate(step, phase)
+                finite = self.check_finite(step, phase, result)  # same answer on every rank
+                if finite:
+                    self.maybe_evaluate(step, phase)
                 # the stop vote was summed in the step's all-reduce, so every rank stops after the same step
                 reason = self.stop_reason(step, result)
-                self.maybe_checkpoint(step, phase, stopping=reason is not None)  # saved before stopping: --resume
-                if reason is not None and step < self.n_steps:
-                    exit_code = self.stop(step, reason, preempted=result.stop_votes > 0)
+                if finite:  # never save a non-finite state: the last good checkpoint stays `latest`
+                    self.maybe_checkpoint(step, phase, stopping=reason is not None)  # saved before stopping
+                if reason is not None and (step < self.n_steps or not finite):
+                    exit_code = self.stop(step, reason, preempted=result.stop_votes > 0, phase=phase)
                     break
         finally:
             batches.close()
@@ -321,8 +335,14 @@ class Trainer:
         with self.telemetry.window() as window:
             loss_sum, n_global, correct, stop_votes = global_batch_step(
                 self.engine, micro_batches, causal=phase.causal, device=self.device,
-                extra=[float(self.preempt.requested)])  # the stop vote rides on the step's all-reduce
+                extra=self._closing_votes)  # the stop vote rides on the step's closing all-reduce
         return StepResult(loss_sum, n_global, correct, stop_votes, time.perf_counter() - t0, window)
+
+    def _closing_votes(self) -> list[float]:
+        """Called just before the all-reduce that ends the step, so a signal that arrived
+        during the step's compute stops the run after this very step."""
+        self._debug_delay()  # test-only: a slow step, so that a test can signal or stop a rank inside it
+        return [float(self.preempt.requested)]
 
     # ---- what the loop calls
 
@@ -382,8 +402,20 @@ class Trainer:
                  res["clm"]["loss"], res["clm"]["ppl"], res["mlm"]["loss"], res["mlm"]["accuracy"])
         return res
 
+    def check_finite(self, step: int, phase, result: StepResult) -> bool:
+        """Count a non-finite loss or gradient norm, or a step DeepSpeed skipped for an overflow."""
+        grad_norm = self.engine.get_global_grad_norm()
+        skipped = getattr(self.engine, "skipped_steps", 0)
+        was_skipped, self._skipped_steps = skipped > self._skipped_steps, skipped
+        return self.nonfinite.update(step, phase.objective, result.loss,
+                                     None if grad_norm is None else float(grad_norm), was_skipped)
+
     def stop_reason(self, step: int, result: StepResult) -> str | None:
-        """Why the run stops after ``step`` (a preemption vote or ``train.stop_at_step``), or None."""
+        """Why the run stops after ``step`` (non-finite steps, a preemption vote or
+        ``train.stop_at_step``), or None. A non-finite last step also stops it: there is no
+        finite state to save as the run's result."""
+        if self.nonfinite.exhausted or (self.nonfinite.consecutive and step == self.n_steps):
+            return "non-finite"
         if result.stop_votes > 0:
             return "preemption signal"
         stop_at = self.recipe.train.stop_at_step
@@ -398,8 +430,17 @@ class Trainer:
                 or (c.every_steps and step % c.every_steps == 0)):
             self.save(step)
 
-    def stop(self, step: int, reason: str, preempted: bool) -> int:
-        """Record an early stop; returns the exit status (75 after preemption, for a requeue)."""
+    def stop(self, step: int, reason: str, preempted: bool, phase=None) -> int:
+        """Record an early stop; returns the exit status (75 after preemption, for a requeue;
+        :data:`NONFINITE_EXIT_CODE` after non-finite steps)."""
+        if reason == "non-finite":
+            message = self.nonfinite.message(step, phase.objective)
+            log.error("stopping at step %d: %s", step, message)
+            if self.rank == 0:
+                print(f"antlm-train: error: {message}", file=sys.stderr, flush=True)
+            self.metrics.write("stop", step=step, reason=reason, error=message)
+            self.failed = True
+            return NONFINITE_EXIT_CODE
         if self.rank == 0:  # every rank stops; one line says so
             log.warning("stopping at step %d (%s); continue with --resume", step, reason)
         self.metrics.write("stop", step=step, reason=reason)
@@ -412,7 +453,7 @@ class Trainer:
         """Close the progress bar, telemetry and metrics; after the last step write the summary."""
         if self.progress is not None:
             self.progress.close()
-        if self.rank == 0 and step == self.n_steps:
+        if self.rank == 0 and step == self.n_steps and not self.failed:
             ckpt_dir = self.run.checkpoints
             summary = {
                 "recipe": self.recipe.name, "schedule": format_schedule(self.phases), "steps": self.n_steps,
