@@ -125,7 +125,7 @@ def test_bar_counts_steps_and_routes_log_lines_around_it(monkeypatch):
 
 
 @pytest.mark.parametrize("terminal", [True, False])
-def test_launcher_passes_the_terminal_down_to_the_ranks(monkeypatch, terminal):
+def test_launcher_passes_the_terminal_down_to_the_ranks(monkeypatch, tmp_path, terminal):
     import antlm_dist.cli as cli
     import antlm_dist.train as train
 
@@ -135,8 +135,10 @@ def test_launcher_passes_the_terminal_down_to_the_ranks(monkeypatch, terminal):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.setattr("sys.stderr", FakeTTY() if terminal else io.StringIO())
     monkeypatch.setattr(train, "preflight", lambda args, nproc: (None, None))
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: seen.update(env) or 0)
-    assert cli.train_main(["--output-dir", "/nonexistent/run", "--nproc-per-node", "2"]) == 0
+    import antlm_dist.launcher as launcher
+
+    monkeypatch.setattr(launcher, "run_torchrun", lambda cmd, env, output_dir: seen.update(env) or 0)
+    assert cli.train_main(["--output-dir", str(tmp_path / "run"), "--nproc-per-node", "2"]) == 0
     assert seen[PROGRESS_ENV] == ("1" if terminal else "0")
 
 
