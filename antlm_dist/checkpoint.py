@@ -231,6 +231,13 @@ def check_resume(state: ClientState, tag: str, *, global_batch: int, micro_batch
     return state.world_size != world_size
 
 
+def has_zero_partitions(ckpt_dir: Path, tag: str) -> bool:
+    """Whether ``tag`` holds ZeRO optimizer partitions (``*optim_states.pt``, written under
+    ZeRO 1–3 and by the bf16 optimizer), the input :func:`universal_tag` converts. A
+    ZeRO-0 fp32 checkpoint keeps its optimizer inside the model-states file instead."""
+    return any((Path(ckpt_dir) / tag).glob("*optim_states.pt"))
+
+
 UNIVERSAL_SUBDIR = "universal"
 
 

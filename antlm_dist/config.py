@@ -146,6 +146,9 @@ class TrainConfig:
     """Stop (after checkpointing) once this many optimizer steps are done; the LR schedule is unaffected."""
     log_every_steps: int = 1
     """Write a ``train`` record to metrics.jsonl every N steps."""
+    compile: bool | None = None
+    """``torch.compile`` (Inductor) every transformer block: ``true``, ``false`` or unset (auto:
+    on CUDA under ZeRO 0–2, eager on CPU and under ZeRO-3); see :mod:`antlm_dist.speedups`."""
 
 
 @dataclass
@@ -160,6 +163,9 @@ class DistributedConfig:
     """``auto`` (nccl on CUDA, gloo on CPU), ``nccl`` or ``gloo``."""
     timeout_minutes: float = 5.0
     """Collective timeout; a dead rank stops the others after at most this long."""
+    single_rank_zero0: bool = True
+    """With one rank, train under ZeRO stage 0 whatever the JSON's stage (unless it offloads):
+    partitioning over one rank only adds flat-buffer copies. ``false`` keeps the JSON's stage."""
 
 
 @dataclass

@@ -18,11 +18,13 @@ from antlm_dist.checkpoint import CheckpointError
 from antlm_dist.config import ConfigError, load_recipe
 from antlm_dist.data.corpus import find_corpus
 from antlm_dist.data.tokenizer import check_vocab_matches, load_tokenizer
-from antlm_dist.distributed import build_ds_config, check_build_locks, dist_env, init_distributed, pick_device, world_info
+from antlm_dist.distributed import (build_ds_config, check_build_locks, dist_env, init_distributed, pick_device,
+                                    world_info, zero_stage)
 from antlm_dist.faults import comm_failure_message, format_rank_table, gather_rank_addresses, is_comm_failure
 from antlm_dist.model import check_model_backends
 from antlm_dist.run_folder import RunFolder
 from antlm_dist.schedule import PhaseDesyncError
+from antlm_dist.speedups import resolve_compile, single_rank_ds_config
 from antlm_dist.trainer import Trainer
 
 log = logging.getLogger("antlm_dist")
@@ -60,7 +62,8 @@ def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = Tru
     Validates the recipe, the kernel backends and head dims for this machine, that no
     abandoned torch-extension build lock would hang the start, the output folder, the
     corpus (exists; with ``read_corpus`` also non-empty and UTF-8, which reads every file),
-    the DeepSpeed JSON against the recipe's batch sizes for ``world_size``, and a given
+    the DeepSpeed JSON against the recipe's batch sizes for ``world_size``, ``train.compile``
+    against the ZeRO stage and the C++ compiler, and a given
     ``tokenizer.path`` against ``model.vocab_size``.
 
     Returns:
@@ -76,7 +79,9 @@ def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = Tru
     check_build_locks()
     RunFolder(args.output_dir).check(args.resume, args.overwrite)
     corpus = find_corpus(recipe.data.corpus, validate=read_corpus)
-    build_ds_config(recipe, world_size, device, recipe_source=str(args.config))
+    ds_config, _ = single_rank_ds_config(build_ds_config(recipe, world_size, device, recipe_source=str(args.config)),
+                                         world_size, recipe)
+    resolve_compile(recipe, device, zero_stage(ds_config))
     if recipe.tokenizer.path:
         check_vocab_matches(load_tokenizer(recipe.tokenizer.path, recipe.tokenizer.kind), recipe.model.vocab_size,
                             f"tokenizer.path={recipe.tokenizer.path}")
