@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from antlm_dist import __version__
-from antlm_dist.checkpoint import (CheckpointError, ClientState, check_resume, has_zero_partitions, latest_tag,
+from antlm_dist.checkpoint import (CheckpointError, ClientState, check_resume, latest_tag, optimizer_partitions,
                                    load_checkpoint, read_client_state, save_checkpoint, universal_tag)
 from antlm_dist.config import Recipe, dump_recipe
 from antlm_dist.data.blocks import load_blocks
@@ -243,11 +243,11 @@ class Trainer:
                                    micro_batch_size=t.micro_batch_size,
                                    gradient_accumulation_steps=t.gradient_accumulation_steps, world_size=self.world,
                                    schedule=format_schedule(self.phases), tok_hash=self.tok_hash)
-        partitioned = has_zero_partitions(self.run.checkpoints, tag)
-        if self.zero_note and partitioned:  # ZeRO partitions load into a ZeRO engine only
+        partitions = optimizer_partitions(self.run.checkpoints, tag)
+        if self.zero_note and partitions == "zero":  # ZeRO partitions load into a ZeRO engine only
             self.ds_config = json_config
             self.zero_note = f"one rank: keeping the JSON's ZeRO stage {zero_stage(json_config)} to load {tag}"
-        if other_world and not partitioned:
+        if other_world and partitions is None:
             raise CheckpointError(
                 f"checkpoint {tag} was written under ZeRO stage 0 by {state.world_size} rank(s) and cannot be "
                 f"resumed by {self.world}; resume it with {state.world_size} rank(s), or train one-rank runs "

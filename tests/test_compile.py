@@ -62,6 +62,20 @@ def test_one_rank_runs_zero0_unless_offloading_or_asked_not_to():
     assert single_rank_ds_config(no_offload, 1, recipe)[0]["zero_optimization"] == {"stage": 0}
 
 
+def test_optimizer_partitions_by_deepspeed_file_names(tmp_path):
+    """Which checkpoints load into a ZeRO engine (``zero``), which the universal converter
+    takes (``zero``, ``bf16``) and which only a ZeRO-0 engine of the same world size reads."""
+    from antlm_dist.checkpoint import optimizer_partitions
+
+    for tag, files, kind in (("a", ["zero_pp_rank_0_mp_rank_00_optim_states.pt"], "zero"),
+                             ("b", ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"], "bf16"),
+                             ("c", ["mp_rank_00_model_states.pt"], None)):
+        (tmp_path / tag).mkdir()
+        for name in files + ["mp_rank_00_model_states.pt"]:
+            (tmp_path / tag / name).touch()
+        assert optimizer_partitions(tmp_path, tag) == kind, tag
+
+
 def test_preflight_refuses_compile_under_zero3_before_writing(tmp_path):
     out = tmp_path / "run"
     proc = run_cli(["--output-dir", str(out), "--nproc-per-node", "2", "distributed.deepspeed_config=zero3.json",
