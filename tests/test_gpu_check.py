@@ -151,4 +151,6 @@ def test_kernel_checker_runs_through_the_interpreter(tmp_path):
         ("masked_token_loss", None, None, p) for p in ("CLM", "MLM")}
     for r in rep["records"]:
         assert r["ok"], r
-        assert all(0 < e["kernel"] < 1e-5 for e in r["errors"].values())  # the Triton path ran (not torch's)
+        kernel_errors = [e["kernel"] for e in r["errors"].values()]
+        assert max(kernel_errors) < 1e-5 and max(e["torch"] for e in r["errors"].values()) == 0.0
+        assert max(kernel_errors) > 0  # rounding differs from torch's: the Triton path ran, not torch's
