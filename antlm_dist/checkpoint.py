@@ -231,6 +231,19 @@ def check_resume(state: ClientState, tag: str, *, global_batch: int, micro_batch
     return state.world_size != world_size
 
 
+def optimizer_partitions(ckpt_dir: Path, tag: str) -> str | None:
+    """Which partitioned optimizer states ``tag`` holds: ``"zero"`` (``zero_pp_rank_*``,
+    written under ZeRO 1–3), ``"bf16"`` (``bf16_zero_pp_rank_*``, DeepSpeed's bf16
+    optimizer under ZeRO-0) or None (a ZeRO-0 fp32 checkpoint keeps its optimizer in the
+    model-states file). :func:`universal_tag` converts the first two only."""
+    folder = Path(ckpt_dir) / tag
+    if any(folder.glob("zero_pp_rank_*optim_states.pt")):
+        return "zero"
+    if any(folder.glob("bf16_zero_pp_rank_*optim_states.pt")):
+        return "bf16"
+    return None
+
+
 UNIVERSAL_SUBDIR = "universal"
 
 

@@ -50,6 +50,9 @@ class ModelConfig:
     """Attention implementation: ``auto`` (``triton`` on CUDA, ``sdpa`` on CPU), ``sdpa``, ``triton`` or ``eager``."""
     loss: str = "auto"
     """Loss implementation for :func:`antlm_dist.kernels.masked_token_loss`: ``auto``, ``triton`` or ``torch``."""
+    fused_kernels: str = "auto"
+    """``llama`` RMSNorm, SwiGLU and RoPE: ``liger`` (liger-kernel's Triton kernels, CUDA, the ``gpu`` extra),
+    ``torch``, or ``auto`` (liger on CUDA when installed, else torch); see :mod:`antlm_dist.model.fused`."""
     position_bucket_size: int = 32
     """``ltg_bert`` only: relative-position buckets S (even); distances within ±S/2 are exact, the table has 2S-1 rows."""
     max_relative_positions: int = 512
@@ -152,6 +155,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 3
     """Stop every rank (exit status 3, no checkpoint) after this many consecutive optimizer
     steps with a non-finite loss or gradient norm, or skipped by DeepSpeed for an overflow."""
+    compile: bool | None = None
+    """``torch.compile`` (Inductor) every transformer block: ``true``, ``false`` or unset (auto:
+    on CUDA under ZeRO 0–2, eager on CPU and under ZeRO-3); see :mod:`antlm_dist.speedups`."""
 
 
 @dataclass
@@ -166,6 +172,9 @@ class DistributedConfig:
     """``auto`` (nccl on CUDA, gloo on CPU), ``nccl`` or ``gloo``."""
     timeout_minutes: float = 5.0
     """Collective timeout; a dead rank stops the others after at most this long."""
+    single_rank_zero0: bool = True
+    """With one rank, train under ZeRO stage 0 whatever the JSON's stage (unless it offloads):
+    partitioning over one rank only adds flat-buffer copies. ``false`` keeps the JSON's stage."""
 
 
 @dataclass
@@ -419,6 +428,9 @@ def _validate_ltg_bert(m: ModelConfig) -> None:
                           "takes no relative-position bias); use model.attention=sdpa or eager")
     if m.num_key_value_heads not in (None, m.num_attention_heads):
         raise ConfigError("model.num_key_value_heads must be unset for model.arch=ltg_bert (no grouped-query attention)")
+    if m.fused_kernels == "liger":
+        raise ConfigError("model.fused_kernels=liger is for model.arch=llama (RMSNorm, SwiGLU, RoPE); LTG-BERT has "
+                          "none of them: use model.fused_kernels=auto or torch")
     if m.position_bucket_size < 2 or m.position_bucket_size % 2:
         raise ConfigError(f"model.position_bucket_size={m.position_bucket_size} must be even and >= 2, e.g. 32")
     if m.max_relative_positions <= m.position_bucket_size // 2 + 1:
@@ -449,6 +461,7 @@ def validate_recipe(r: Recipe) -> None:
     _choice(m.arch, ("llama", "ltg_bert"), "model.arch")
     _choice(m.attention, ("auto", "sdpa", "triton", "eager"), "model.attention")
     _choice(m.loss, ("auto", "triton", "torch"), "model.loss")
+    _choice(m.fused_kernels, ("auto", "liger", "torch"), "model.fused_kernels")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                  "num_attention_heads", "max_position_embeddings"):
         _positive(getattr(m, name), f"model.{name}")

@@ -72,7 +72,8 @@ def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = Tru
 
     Validates the recipe, the output folder, the corpus (exists; with ``read_corpus`` also
     non-empty and UTF-8, which reads every file), the DeepSpeed JSON against the recipe's
-    batch sizes for ``world_size``, the kernel backends and head dims for this machine,
+    batch sizes for ``world_size``, ``train.compile`` against the ZeRO stage and the C++
+    compiler, the kernel backends and head dims for this machine,
     that no abandoned torch-extension build lock would hang the start, and a given
     ``tokenizer.path`` against ``model.vocab_size``, and that the packages of the trackers the
     recipe turns on are installed. The checks that need no torch come first, so a recipe error appears in about a second.
@@ -85,18 +86,20 @@ def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = Tru
         field and fix.
     """
     from antlm_dist.run_folder import RunFolder
-
     from antlm_dist.trackers import check_trackers
 
     recipe = load_recipe(args.config, args.overrides)
     check_trackers(recipe.logging)
     RunFolder(args.output_dir).check(args.resume, args.overwrite)
     corpus = find_corpus(recipe.data.corpus, validate=read_corpus)
-    from antlm_dist.distributed import build_ds_config, check_build_locks
+    from antlm_dist.distributed import build_ds_config, check_build_locks, zero_stage
     from antlm_dist.model.backends import check_model_backends
+    from antlm_dist.speedups import resolve_compile, single_rank_ds_config
 
     device = device_kind()
-    build_ds_config(recipe, world_size, device, recipe_source=str(args.config))
+    ds_config, _ = single_rank_ds_config(build_ds_config(recipe, world_size, device, recipe_source=str(args.config)),
+                                         world_size, recipe)
+    resolve_compile(recipe, device, zero_stage(ds_config))
     check_model_backends(recipe.model, device)
     check_build_locks()  # imports torch.utils.cpp_extension (about a second): last
     if recipe.tokenizer.path:

@@ -30,7 +30,7 @@ import torch
 
 from antlm_dist import __version__
 from antlm_dist.checkpoint import (TAG_PREFIX, CheckpointError, ClientState, check_resume, latest_tag, load_checkpoint,
-                                   read_client_state, save_checkpoint, universal_tag)
+                                   optimizer_partitions, read_client_state, save_checkpoint, universal_tag)
 from antlm_dist.config import Recipe, dump_recipe
 from antlm_dist.data.blocks import load_blocks
 from antlm_dist.data.corpus import CorpusFiles
@@ -48,6 +48,7 @@ from antlm_dist.run_folder import PREEMPT_EXIT_CODE, RunFolder
 from antlm_dist.schedule import (check_phase_agreement, format_schedule, parse_schedule, phase_for_step,
                                  total_epochs, total_steps)
 from antlm_dist.seeding import seed_model_init
+from antlm_dist.speedups import compile_layers, resolve_compile, single_rank_ds_config
 from antlm_dist.telemetry import Telemetry
 from antlm_dist.telemetry.flops import FlopModel, mfu, peak_flops_per_device
 from antlm_dist.trackers import build_trackers
@@ -160,12 +161,13 @@ class Trainer:
         self.recipe, self.run, self.device, self.resume = recipe, run, device, resume
         self.rank, self.world = world_info()
         self.phases = parse_schedule(recipe.objective.schedule)
-        self.ds_config = build_ds_config(recipe, self.world, device, recipe_source=recipe_source)
+        json_config = build_ds_config(recipe, self.world, device, recipe_source=recipe_source)
+        self.ds_config, self.zero_note = single_rank_ds_config(json_config, self.world, recipe)
         self.debug = recipe.debug  # read once: fault injection and step delays for tests
         seed_model_init(recipe.train.seed, self.rank)
         run.prepare(overwrite)
         self._build_data(corpus)
-        resume_point = self._read_resume_point() if resume else None
+        resume_point = self._read_resume_point(json_config) if resume else None
         self._build_engine()
         # MFU (Chowdhery et al. 2022) against one device's peak; power and energy of rank 0's GPU (NVML)
         self.peak_flops = None  # only rank 0 writes metrics; the others wait for it at the next collective
@@ -222,7 +224,13 @@ class Trainer:
         model = build_model(r.model, device=self.device)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.flop_model = FlopModel.from_module(model, r.model)  # before ZeRO-3 partitions the parameters
+        compiled, why = resolve_compile(r, self.device, zero_stage(self.ds_config))
+        if compiled:
+            compile_layers(model)  # before DeepSpeed wraps the model; the graphs build at the first step
         self.engine = build_engine(model, r, self.ds_config, self.n_steps)
+        for note in (self.zero_note, f"torch.compile: {'on' if compiled else 'off'} ({why})"):
+            if note:
+                log.info("%s", note)
         log.info(
             "antlm-dist %s | %s | world %d (%s) | ZeRO-%d | %s | %.2fM parameters | %d train / %d dev blocks of %d "
             "tokens", __version__, r.name, self.world, self.device.type, zero_stage(self.ds_config), self.precision,
@@ -240,17 +248,29 @@ class Trainer:
         return ClientState(step=step, sampler=self.sampler.state_dict(step), schedule=format_schedule(self.phases),
                            tokenizer_hash=self.tok_hash, world_size=self.world, recipe=self.recipe.to_dict())
 
-    def _read_resume_point(self) -> tuple[str, ClientState]:
+    def _read_resume_point(self, json_config: dict) -> tuple[str, ClientState]:
         """The latest complete tag and its state, checked against this run; switches the
-        DeepSpeed config to the universal loader when the world size differs."""
+        DeepSpeed config to the universal loader when the world size differs, and back to
+        the JSON's ZeRO stage (``json_config``) when the checkpoint holds ZeRO partitions."""
         tag = latest_tag(self.run.checkpoints)
         if tag is None:
             raise CheckpointError(f"--resume: no complete checkpoint under {self.run.checkpoints}")
         _, state = read_client_state(self.run.checkpoints, tag)
         t = self.recipe.train
-        if check_resume(state, tag, global_batch=self.sampler.global_batch, micro_batch_size=t.micro_batch_size,
-                        gradient_accumulation_steps=t.gradient_accumulation_steps, world_size=self.world,
-                        schedule=format_schedule(self.phases), tok_hash=self.tok_hash):
+        other_world = check_resume(state, tag, global_batch=self.sampler.global_batch,
+                                   micro_batch_size=t.micro_batch_size,
+                                   gradient_accumulation_steps=t.gradient_accumulation_steps, world_size=self.world,
+                                   schedule=format_schedule(self.phases), tok_hash=self.tok_hash)
+        partitions = optimizer_partitions(self.run.checkpoints, tag)
+        if self.zero_note and partitions == "zero":  # ZeRO partitions load into a ZeRO engine only
+            self.ds_config = json_config
+            self.zero_note = f"one rank: keeping the JSON's ZeRO stage {zero_stage(json_config)} to load {tag}"
+        if other_world and partitions is None:
+            raise CheckpointError(
+                f"checkpoint {tag} was written under ZeRO stage 0 by {state.world_size} rank(s) and cannot be "
+                f"resumed by {self.world}; resume it with {state.world_size} rank(s), or train one-rank runs "
+                "that must move with distributed.single_rank_zero0=false")
+        if other_world:
             self.ds_config.setdefault("checkpoint", {})["load_universal"] = True
         return tag, state
 

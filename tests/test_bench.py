@@ -244,7 +244,7 @@ def test_bench_report_and_plot_from_a_tiny_run(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "antlm_dist.bench.cli", "--config", "demo-cpu", "--out", str(out),
          "--micro-batch", "2", "--steps", "2", "--warmup", "1", "--profile", "--profile-steps", "1",
-         *TINY_BENCH],
+         "--baselines", "eager", *TINY_BENCH],
         capture_output=True, text=True, env=env, timeout=300, cwd=str(REPO))
     assert_ok(proc)
     result = json.loads((out / "bench.json").read_text())
@@ -274,6 +274,48 @@ def test_bench_report_and_plot_from_a_tiny_run(tmp_path):
     from antlm_dist.bench.cli import main
 
     assert main(["--compare", str(out / "bench.json"), str(out / "bench.json")]) == 0
+
+
+@pytest.mark.slow
+def test_bench_compiled_variants_against_both_baselines(tmp_path):
+    """--compile off,on and both HF baselines in one run: four runners per phase, and every
+    ratio is the quotient of the medians it names."""
+    out = tmp_path / "bench"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "antlm_dist.bench.cli", "--config", "demo-cpu", "--out", str(out), "--zero", "0",
+         "--micro-batch", "2", "--steps", "2", "--warmup", "2", "--compile", "off,on", "--baselines",
+         "eager,compiled", *TINY_BENCH],
+        capture_output=True, text=True, env=env, timeout=1200, cwd=str(REPO))
+    assert_ok(proc)
+    result = json.loads((out / "bench.json").read_text())
+    assert result["plan"]["compile"] == [False, True] and result["plan"]["baselines"] == ["eager", "compiled"]
+    recs = {(r["label"], r["phase"]): r for r in result["records"]}
+    labels = {"sdpa/torch/ZeRO-0", "sdpa/torch/ZeRO-0/compiled", "baseline: HF Llama + AdamW",
+              "baseline: HF Llama + AdamW, compiled"}
+    assert set(recs) == {(label, p) for label in labels for p in ("CLM", "MLM")}
+    for phase in ("CLM", "MLM"):
+        eager_hf = recs[("baseline: HF Llama + AdamW", phase)]["step_time_s"]["median"]
+        compiled_hf = recs[("baseline: HF Llama + AdamW, compiled", phase)]
+        assert compiled_hf["runner"] == "baseline_compiled" and compiled_hf["compiled"] is True
+        for label in labels:
+            r = recs[(label, phase)]
+            assert r["compiled"] == ("compiled" in label)
+            assert r["speedup_vs_baseline"] == pytest.approx(eager_hf / r["step_time_s"]["median"])
+            assert r["speedup_vs_compiled_baseline"] == pytest.approx(
+                compiled_hf["step_time_s"]["median"] / r["step_time_s"]["median"])
+    md = (out / "bench.md").read_text()
+    assert "× compiled baseline (wall)" in md and "| MLM | sdpa/torch/ZeRO-0/compiled |" in md
+    assert "compiled baseline" in proc.stdout
+
+
+def test_bad_compile_options_exit_2(tmp_path, capsys):
+    from antlm_dist.bench.cli import main
+
+    assert main(["--config", "demo-cpu", "--out", str(tmp_path), "--compile", "maybe"]) == 2
+    assert "--compile 'maybe': use a comma list of off, on" in capsys.readouterr().err
+    assert main(["--config", "demo-cpu", "--out", str(tmp_path), "--baselines", "eager,jit"]) == 2
+    assert "--baselines 'eager,jit'" in capsys.readouterr().err
 
 
 def test_compare_prints_ratios(tmp_path, capsys):

@@ -4,7 +4,7 @@
         --phases clm,mlm --micro-batch 8 --steps 5 --warmup 2 --profile
     antlm-bench --compare runs/a/bench.json runs/b/bench.json
 
-The matrix is phase × attention × loss × ZeRO stage × micro-batch, for each ``--config``;
+The matrix is phase × attention × loss × ZeRO stage × compile × micro-batch, for each ``--config``;
 attention and loss default to what ``auto`` resolves to on this device (on CPU: sdpa and
 the torch loss; "triton" on CPU would run the Triton interpreter, far too slow to time).
 Positional ``section.key=value`` overrides apply to every recipe. Writes ``bench.json``,
@@ -40,7 +40,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per runner and phase (default 3)")
     p.add_argument("--data", choices=("synthetic", "corpus"), default="synthetic",
                    help="synthetic uniform tokens (default) or the recipe's corpus, tokenised and packed")
-    p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the HF reference step")
+    p.add_argument("--compile", default="auto",
+                   help="comma list of off, on: torch.compile the transformer blocks (default: auto, what "
+                        "train.compile resolves to on this device: on with CUDA, off on CPU)")
+    p.add_argument("--baselines", default="eager,compiled",
+                   help="comma list of HF reference steps: eager (the BabyLlama recipe), compiled (the same under "
+                        "torch.compile) (default: both)")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the HF reference steps")
     p.add_argument("--profile", action="store_true",
                    help="profile --profile-steps more steps of every runner and phase (torch.profiler) for bench.md")
     p.add_argument("--profile-steps", type=int, default=3,
@@ -140,7 +146,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         "precision": precision,
         "plan": {"configs": configs, **matrix, "zero": matrix["zero"] or "recipe",
                  "micro_batch": matrix["micro_batch"] or "recipe", "steps": args.steps,
-                 "warmup": args.warmup, "data": args.data, "baseline": args.baseline,
+                 "warmup": args.warmup, "data": args.data, "baselines": matrix["baselines"],
                  "profile_steps": args.profile_steps if args.profile else 0, "overrides": args.overrides},
         "records": records,
         "notes": [],
@@ -229,7 +235,32 @@ def _matrix(args: argparse.Namespace, recipe, device) -> dict:
     micro_batches = _csv(args.micro_batch, int) or None
     if micro_batches and min(micro_batches) < 1:
         raise ConfigError(f"--micro-batch {args.micro_batch!r}: sizes must be >= 1")
-    return {"phases": phases, "attention": attentions, "loss": losses, "zero": zeros, "micro_batch": micro_batches}
+    return {"phases": phases, "attention": attentions, "loss": losses, "zero": zeros, "micro_batch": micro_batches,
+            **_compile_options(args, device)}
+
+
+def _compile_options(args: argparse.Namespace, device) -> dict:
+    """``{"compile": [bool, ...], "baselines": [...]}`` from --compile and --baselines.
+
+    Raises:
+        ConfigError: an unknown value, or compiling on a CPU without a C++ compiler.
+    """
+    from antlm_dist.config import ConfigError
+    from antlm_dist.speedups import cxx_compiler
+
+    modes = {"off": False, "on": True, "auto": device.type == "cuda"}
+    compiles = _csv(args.compile)
+    if not compiles or [c for c in compiles if c not in modes]:
+        raise ConfigError(f"--compile {args.compile!r}: use a comma list of off, on (or auto)")
+    baselines = _csv(args.baselines) if args.baseline else []
+    if [b for b in baselines if b not in ("eager", "compiled")]:
+        raise ConfigError(f"--baselines {args.baselines!r}: use a comma list of eager, compiled")
+    compiles = list(dict.fromkeys(modes[c] for c in compiles))
+    if device.type == "cpu" and (True in compiles or "compiled" in baselines) and cxx_compiler() is None:
+        raise ConfigError("--compile on / --baselines compiled need a C++ compiler for TorchInductor on CPU "
+                          "(none of $CXX, g++, clang++, c++ is on PATH); install one or use --compile off "
+                          "--baselines eager")
+    return {"compile": compiles, "baselines": baselines}
 
 
 def _init_single_process(recipe, device) -> None:
@@ -255,10 +286,11 @@ def _run_matrix(args, recipes, matrix: dict, device, precision: str, peak: float
     try:
         for name, recipe in recipes:
             recipe_zero = zero_stage(build_ds_config(recipe, 1, device, recipe_source=name))
-            variants = [Variant(a, lo, z) for a in matrix["attention"] for lo in matrix["loss"]
-                        for z in (matrix["zero"] or [recipe_zero])]
+            variants = [Variant(a, lo, z, c) for a in matrix["attention"] for lo in matrix["loss"]
+                        for z in (matrix["zero"] or [recipe_zero]) for c in matrix["compile"]]
             plan = BenchPlan(phases=matrix["phases"], variants=variants, micro_batches=matrix["micro_batch"],
-                             steps=args.steps, warmup=args.warmup, data=args.data, baseline=args.baseline,
+                             steps=args.steps, warmup=args.warmup, data=args.data,
+                             baselines=tuple(matrix["baselines"]),
                              profile=args.profile, profile_steps=max(1, args.profile_steps))
             for mb in matrix["micro_batch"] or [recipe.train.micro_batch_size]:
                 records += run_group(Path(name).stem, recipe, mb, plan, device, precision, telemetry, peak,
@@ -274,7 +306,9 @@ def _print_summary(result: dict) -> None:
         print(f"{r['config']:<22} {r['phase']} {r['label']:<30} mb {r['micro_batch']:>3}: "
               f"{r['tokens_per_s_per_device']:>10,.0f} tok/s  {1000 * r['step_time_s']['median']:8.1f} ms  "
               f"MFU {100 * r['mfu']:5.1f}%  mem {r['mem_peak_gib']:.2f} GiB"
-              + ("" if sp is None else f"  {sp:.2f}× baseline"))
+              + ("" if sp is None else f"  {sp:.2f}× baseline")
+              + ("" if r.get("speedup_vs_compiled_baseline") is None else
+                 f"  {r['speedup_vs_compiled_baseline']:.2f}× compiled baseline"))
 
 
 def main(argv: list[str] | None = None) -> int:

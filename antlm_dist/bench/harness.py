@@ -14,7 +14,9 @@ weights and micro-batches, transformers' default attention implementation, the f
 Trainer's default gradient clipping. CLM passes unshifted ``labels`` (HF shifts them and
 averages over ``num_items_in_batch``); MLM feeds a (B, 1, T, T) all-keys boolean mask (HF
 Llama takes a 4-D mask as given, so attention is bidirectional) and scores the full
-logits with ``transformers``' ``ForMaskedLMLoss``.
+logits with ``transformers``' ``ForMaskedLMLoss``. The ``baseline_compiled`` runner is the
+same step with the HF model under ``torch.compile`` (Inductor), so that a compiled AntLM
+step is also compared with a compiled reference.
 
 Timing (STYLE.md, convention 8): every runner of a group (one recipe and micro-batch) is
 built and warmed up in turn (peak memory is measured then), after which the timed steps
@@ -56,10 +58,12 @@ class Variant:
     attention: str
     loss: str
     zero: int
+    compile: bool = False
+    """``torch.compile`` the transformer blocks (:func:`antlm_dist.speedups.compile_layers`)."""
 
     @property
     def label(self) -> str:
-        return f"{self.attention}/{self.loss}/ZeRO-{self.zero}"
+        return f"{self.attention}/{self.loss}/ZeRO-{self.zero}" + ("/compiled" if self.compile else "")
 
 
 @dataclasses.dataclass
@@ -72,7 +76,8 @@ class BenchPlan:
     steps: int
     warmup: int
     data: str = "synthetic"
-    baseline: bool = True
+    baselines: tuple[str, ...] = ("eager", "compiled")
+    """HF reference runners: ``eager`` (the BabyLlama recipe) and/or ``compiled`` (under torch.compile)."""
     profile: bool = False
     profile_steps: int = 3
     """Profiled steps per runner and phase; the one with the least total self time is kept
@@ -171,6 +176,7 @@ class AntLMRunner:
     def __init__(self, recipe: Recipe, variant: Variant, device: torch.device, total_steps: int):
         from antlm_dist.distributed import build_ds_config, build_engine
         from antlm_dist.model import build_model
+        from antlm_dist.speedups import compile_layers
 
         self.variant, self.device, self.label = variant, device, variant.label
         ds_config = build_ds_config(recipe, 1, device, recipe_source=f"recipe {recipe.name}")
@@ -180,6 +186,8 @@ class AntLMRunner:
         model = build_model(recipe.model, device=device)
         self.flop_model = FlopModel.from_module(model, recipe.model)
         self.initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if variant.compile:
+            compile_layers(model)  # as the trainer does with train.compile; graphs build in the warm-up
         self.engine = build_engine(model, recipe, ds_config, total_steps)
         self.engine.train()
 
@@ -194,12 +202,11 @@ class AntLMRunner:
 
 
 class BaselineRunner:
-    """BabyLlama reference step: HF ``LlamaForCausalLM`` + torch AdamW, full logits."""
+    """BabyLlama reference step: HF ``LlamaForCausalLM`` + torch AdamW, full logits; with
+    ``compiled``, the HF model under ``torch.compile`` (the ``baseline_compiled`` runner)."""
 
-    kind = "baseline"
-    label = "baseline: HF Llama + AdamW"
-
-    def __init__(self, recipe: Recipe, device: torch.device, initial_state: dict | None, precision: str):
+    def __init__(self, recipe: Recipe, device: torch.device, initial_state: dict | None, precision: str,
+                 compiled: bool = False):
         import transformers
 
         from antlm_dist.distributed import param_groups
@@ -219,6 +226,10 @@ class BaselineRunner:
             model.load_state_dict(initial_state, strict=False)  # HF's rotary buffers are not in ours
         self.model = model.to(device).train()
         self.attn_implementation = model.config._attn_implementation
+        self.kind = "baseline_compiled" if compiled else "baseline"
+        self.label = "baseline: HF Llama + AdamW" + (", compiled" if compiled else "")
+        if compiled:
+            self.model.compile()  # the whole HF model, in place; graphs build in the warm-up
         self.device, self.vocab_size, self.grad_clip = device, m.vocab_size, t.grad_clip
         self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
                                            betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
@@ -383,17 +394,18 @@ def _build_and_warm_up(config_name, recipe, base, micro_batch, plan, device, pre
     """Build each runner in turn and run its warm-up steps per phase, recording the memory it
     added: ``(runners, {(label, phase): (peak GiB above the start, RSS peak GiB)}, FlopModel)``."""
     total_steps = len(plan.phases) * (plan.warmup + plan.steps + 2)
-    builders = [(v.label, (lambda v=v: AntLMRunner(variant_recipe(recipe, v, micro_batch), v, device, total_steps)))
-                for v in plan.variants]
+    builders = [(v.label, (lambda v=v: AntLMRunner(variant_recipe(recipe, v, micro_batch), v, device, total_steps)),
+                 v.compile) for v in plan.variants]
+    builders += [(f"baseline ({kind})", None, kind == "compiled") for kind in plan.baselines]
     runners, memory, initial_state = [], {}, None
     flop_model = None
-    for label, build in builders + ([("baseline", None)] if plan.baseline else []):
+    for label, build, compiled in builders:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         before = _resident_bytes(device, telemetry)
         log.info("%s mb=%d: building %s", config_name, micro_batch, label)
-        runner = build() if build is not None else BaselineRunner(base, device, initial_state, precision)
+        runner = build() if build is not None else BaselineRunner(base, device, initial_state, precision, compiled)
         if isinstance(runner, AntLMRunner):
             flop_model, initial_state = runner.flop_model, initial_state or runner.initial_state
         runners.append(runner)
@@ -463,7 +475,7 @@ def _record(config_name, base, micro_batch, plan, runner, phase, timed, flop_mod
     flops = flop_model.step(micro_batch * gas, seq_len, phase == "CLM", targets)
     # FLOPs actually executed: the baseline's head runs on every row (full logits)
     executed = (flops if runner.kind == "antlm" else
-                flop_model.step(micro_batch * gas, seq_len, phase == "CLM", tokens))
+                flop_model.step(micro_batch * gas, seq_len, phase == "CLM", tokens))  # both baselines
     energy = [w.energy_j for w in ws if w.energy_j is not None]
     total_s = sum(w.duration_s for w in ws)
     return {
@@ -471,6 +483,7 @@ def _record(config_name, base, micro_batch, plan, runner, phase, timed, flop_mod
         "attention": runner.variant.attention if runner.kind == "antlm" else f"hf-{runner.attn_implementation}",
         "loss": runner.variant.loss if runner.kind == "antlm" else "full-logits",
         "zero": runner.variant.zero if runner.kind == "antlm" else None,
+        "compiled": runner.variant.compile if runner.kind == "antlm" else runner.kind == "baseline_compiled",
         "micro_batch": micro_batch, "gradient_accumulation_steps": gas, "seq_len": seq_len,
         "model": {"hidden_size": m.hidden_size, "num_hidden_layers": m.num_hidden_layers,
                   "num_attention_heads": m.num_attention_heads, "intermediate_size": m.intermediate_size,
@@ -498,9 +511,13 @@ def _record(config_name, base, micro_batch, plan, runner, phase, timed, flop_mod
 
 
 def _add_baseline_ratios(records: list[dict]) -> None:
-    """Speed-ups (wall and CPU time) and the FLOP bound of every record against the baseline of its phase."""
+    """Speed-ups (wall and CPU time) and the FLOP bound of every record against the eager
+    baseline of its phase, and the wall-time speed-up against the compiled baseline."""
     by_phase = {r["phase"]: r for r in records if r["runner"] == "baseline"}
+    compiled = {r["phase"]: r for r in records if r["runner"] == "baseline_compiled"}
     for rec in records:
+        c = compiled.get(rec["phase"])
+        rec["speedup_vs_compiled_baseline"] = (c["step_time_s"]["median"] / rec["step_time_s"]["median"]) if c else None
         b = by_phase.get(rec["phase"])
         rec["speedup_vs_baseline"] = (b["step_time_s"]["median"] / rec["step_time_s"]["median"]) if b else None
         rec["flop_bound_speedup"] = (b["executed_flops_per_step"] / rec["executed_flops_per_step"]) if b else None

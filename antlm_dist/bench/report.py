@@ -5,8 +5,9 @@ A record (one runner × phase × micro-batch of one recipe) holds, with units in
 (fraction; Chowdhery et al. 2022) from ``model_flops_per_step`` (see
 :mod:`antlm_dist.telemetry.flops`); ``mem_peak_gib`` and what it measures (``mem_kind``);
 ``cpu_time_s`` (this process's CPU seconds per step) and ``cpu_util_pct``; on GPU
-``power_w``, ``energy_j_per_step`` and ``sm_util_pct``; ``speedup_vs_baseline`` (baseline
-median step time ÷ this one's) and ``speedup_vs_baseline_cpu_time`` (the same with CPU
+``power_w``, ``energy_j_per_step`` and ``sm_util_pct``; ``speedup_vs_baseline`` (eager
+baseline median step time ÷ this one's), ``speedup_vs_compiled_baseline`` (the same against
+the HF model under torch.compile; None without that runner) and ``speedup_vs_baseline_cpu_time`` (the same with CPU
 time); ``executed_flops_per_step`` and ``flop_bound_speedup`` (the baseline computes the
 LM head on every row); and an optional ``profile`` (one step under ``torch.profiler``).
 """
@@ -74,9 +75,10 @@ def _config_tables(recs: list[dict]) -> list[str]:
         rows = [r for r in recs if r["config"] == config]
         lines += [f"## {config}", "", _model_line(rows[0]) + ".", "",
                   "| phase | runner | micro-batch | tokens/s/device | step ms: median (p10–p90) | CPU s/step "
-                  "| TFLOP/s | MFU | peak mem GiB | × baseline (wall) | × baseline (CPU time) | FLOP bound × |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in sorted(rows, key=lambda r: (r["phase"], r["micro_batch"], r["runner"] != "baseline", r["label"])):
+                  "| TFLOP/s | MFU | peak mem GiB | × baseline (wall) | × baseline (CPU time) "
+                  "| × compiled baseline (wall) | FLOP bound × |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in sorted(rows, key=lambda r: (r["phase"], r["micro_batch"], r["runner"] == "antlm", r["label"])):
             st = r["step_time_s"]
             extra = ""
             if r.get("power_w") is not None:
@@ -87,7 +89,7 @@ def _config_tables(recs: list[dict]) -> list[str]:
                 f"| {r['cpu_time_s']['median']:.2f} "
                 f"| {r['model_tflops_per_s']:.3f} | {100 * r['mfu']:.1f}% | {r['mem_peak_gib']:.2f} "
                 f"| {_fmt(r['speedup_vs_baseline'], '.2f')}× | {_fmt(r['speedup_vs_baseline_cpu_time'], '.2f')}× "
-                f"| {_fmt(r['flop_bound_speedup'], '.2f')}× |")
+                f"| {_fmt(r.get('speedup_vs_compiled_baseline'), '.2f')}× | {_fmt(r['flop_bound_speedup'], '.2f')}× |")
         lines += ["", f"Peak memory: {rows[0]['mem_kind']}. CPU s/step: this process's user + system CPU "
                   "time per step (median); on a shared machine its ratio is less disturbed by other "
                   "processes' load than the wall-clock ratio. FLOP bound: the baseline's executed FLOPs (its LM "
@@ -169,7 +171,7 @@ def write_plot(path: Path, result: dict) -> Path:
     for ax, config in zip(axes[0], configs):
         rows = [r for r in recs if r["config"] == config]
         phases = list(dict.fromkeys(r["phase"] for r in rows))
-        series = list(dict.fromkeys((r["label"], r["micro_batch"]) for r in rows if r["runner"] != "baseline"))
+        series = list(dict.fromkeys((r["label"], r["micro_batch"]) for r in rows if r["runner"] == "antlm"))
         width = 0.8 / max(len(series), 1)
         for j, (label, mb) in enumerate(series):
             xs, ys = [], []
@@ -179,11 +181,12 @@ def write_plot(path: Path, result: dict) -> Path:
                     xs.append(i - 0.4 + width * (j + 0.5))
                     ys.append(hit[0]["tokens_per_s_per_device"])
             ax.bar(xs, ys, width * 0.9, label=f"{label} (mb {mb})")
-        baselines = [r for r in rows if r["runner"] == "baseline"]
-        for k, r in enumerate(baselines):
-            i = phases.index(r["phase"])
-            ax.hlines(r["tokens_per_s_per_device"], i - 0.45, i + 0.45, colors="black", linestyles="--",
-                      label="baseline (HF Llama + AdamW)" if k == 0 else None)
+        for kind, style, name in (("baseline", "--", "baseline (HF Llama + AdamW)"),
+                                  ("baseline_compiled", ":", "baseline, compiled")):
+            for k, r in enumerate(r for r in rows if r["runner"] == kind):
+                i = phases.index(r["phase"])
+                ax.hlines(r["tokens_per_s_per_device"], i - 0.45, i + 0.45, colors="black", linestyles=style,
+                          label=name if k == 0 else None)
         ax.set_xticks(range(len(phases)), phases)
         ax.set_ylabel("tokens/s per device")
         ax.set_title(f"{config} (seq {rows[0]['seq_len']})")

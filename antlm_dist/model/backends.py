@@ -27,5 +27,9 @@ def resolve_model_backends(cfg: ModelConfig, device: torch.device | str | None =
 
 
 def check_model_backends(cfg: ModelConfig, device: torch.device | str | None = None) -> None:
-    """Preflight: raise ConfigError now if :func:`build_model` would fail to resolve the backends."""
+    """Preflight: raise ConfigError now if :func:`build_model` would fail to resolve the
+    backends or ``model.fused_kernels``."""
+    from antlm_dist.model.fused import resolve_fused_kernels
+
     resolve_model_backends(cfg, device)
+    resolve_fused_kernels(cfg.fused_kernels, device)

@@ -11,28 +11,27 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from antlm_dist.config import ModelConfig
 from antlm_dist.kernels.backend import KernelBackends
 from antlm_dist.model.backends import resolve_model_backends
 from antlm_dist.model.attention import attention
+from antlm_dist.model.fused import rms_norm, rope, rotate_half, swiglu
 from antlm_dist.model.heads import LMHead
 
 
 class RMSNorm(nn.Module):
-    """x · rsqrt(mean(x²) + eps) · weight, computed in fp32 (Zhang & Sennrich 2019)."""
+    """x · rsqrt(mean(x²) + eps) · weight, computed in fp32 (Zhang & Sennrich 2019);
+    ``fused_impl`` (see :mod:`antlm_dist.model.fused`) picks torch or liger-kernel."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
+        self.fused_impl = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.variance_epsilon, self.fused_impl)
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,14 +43,9 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tu
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, N, T, D); cos/sin: (T, D)."""
-    return x * cos + _rotate_half(x) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 class LlamaAttention(nn.Module):
@@ -64,13 +58,14 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.fused_impl = "torch"  # RoPE: torch or liger-kernel (antlm_dist.model.fused)
 
     def forward(self, x, cos, sin, *, causal: bool, impl: str, key_padding_mask=None, segment_ids=None):
         bsz, seq_len, _ = x.shape
         q = self.q_proj(x).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, N, T, D)
         k = self.k_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = rope(q, k, cos, sin, self.fused_impl)
         out = attention(q, k, v, causal=causal, impl=impl, key_padding_mask=key_padding_mask,
                         segment_ids=segment_ids)  # (B, N, T, D)
         out = out.transpose(1, 2).reshape(bsz, seq_len, self.num_heads * self.head_dim)  # (B, T, N·D)
@@ -85,9 +80,10 @@ class LlamaMLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused_impl = "torch"  # silu · mul: torch or liger-kernel (antlm_dist.model.fused)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.fused_impl))
 
 
 class LlamaDecoderLayer(nn.Module):
