@@ -101,3 +101,11 @@ def test_mixed_loss_and_fields_from_per_objective_sums():
     assert fields == {"clm_loss": 4.0, "clm_targets": 10, "clm_accuracy": 0.5,
                       "mntp_loss": 3.0, "mntp_targets": 3, "mntp_accuracy": 0.0}
     assert objective_fields({"MLM": {"loss_sum": 0.0, "targets": 0.0, "correct": 0.0, "weight": 1.0}})["mlm_loss"] is None
+
+
+def test_phase_check_covers_the_assignment_on_two_ranks():
+    from antlm_testutil import REPO, assert_ok, run_torchrun
+
+    proc = run_torchrun(REPO / "tests" / "dist_scripts" / "assignment_check.py", [], nproc=2, timeout=300)
+    assert_ok(proc)
+    assert proc.stdout.count("equal assignments agree") == 2 and proc.stdout.count("raised") == 2, proc.stdout
