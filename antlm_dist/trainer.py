@@ -366,6 +366,7 @@ class Trainer:
                 tokens_per_s=self.tokens_per_step / result.step_time_s, step_time_s=result.step_time_s,
                 grad_norm=None if grad_norm is None else float(grad_norm),
                 mfu=mfu(flops, result.step_time_s, self.peak_flops, self.world), **objective_fields(per),
+                **({"mask_rate": self.mask_rate(step - 1)} if self.mask_rate else {}),  # scheduled rates only
                 **result.window.summary.gpu_metrics(),
             )
         if self.progress is not None:

@@ -31,6 +31,8 @@ def test_mixed_run_records_every_objective_and_evals_fall(mixed_run):
         assert r["target_tokens"] == r["clm_targets"] + r["mntp_targets"]
         assert 0.0 <= r["clm_accuracy"] <= 1.0 and 0.0 <= r["mntp_accuracy"] <= 1.0
     assert records[1]["clm_loss"] == pytest.approx(records[1]["loss"]) and "mntp_loss" not in records[1]
+    assert records[1]["mask_rate"] == pytest.approx(0.3) and records[12]["mask_rate"] == pytest.approx(0.15)
+    assert records[6]["mask_rate"] == pytest.approx(0.3 - 0.15 * 5 / 11)  # step 6 trains global step 5 of 0..11
     evals = read_metrics(mixed_run / "metrics.jsonl", "eval")
     assert [e["step"] for e in evals] == [0, 4, 12]
     for key in ("clm_loss", "mntp_loss", "mlm_loss"):
