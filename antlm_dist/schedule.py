@@ -285,6 +285,9 @@ def mask_rate_at(step: int, phases: list[Phase], steps_per_epoch: int, default: 
     at its last; otherwise, with ``run_end`` set, the rate goes linearly from ``default``
     at step 0 to ``run_end`` at the last step of the run (GPT-BERT: 0.30 -> 0.15);
     otherwise it is ``default`` (``objective.mlm_probability``).
+
+    Raises:
+        ValueError: ``step < 0`` or ``steps_per_epoch < 1`` (from :func:`phase_for_step`).
     """
     at = phase_for_step(step, phases, steps_per_epoch)
     own = phases[at.index].mask_rate
