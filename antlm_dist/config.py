@@ -108,12 +108,19 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """The AntLM schedule and the masking of the MLM phases."""
+    """The objective schedule and the masking of the MLM and MNTP objectives."""
 
     schedule: str = "4_CLM+16_MLM+4_CLM"
-    """Phases in epochs, written as in the AntLM paper: ``N_CLM+M_MLM+...``."""
+    """Phases in epochs, as in the AntLM paper (``N_CLM+M_MLM+...``); objectives CLM, MLM, MNTP;
+    mixed phases ``N_CLM:MNTP=1:15``; per-phase mask rates ``@0.2`` or ``@0.30..0.15``
+    (see :mod:`antlm_dist.schedule`)."""
     mlm_probability: float = 0.15
-    """Fraction of non-special tokens selected in an MLM phase (BERT: 0.15)."""
+    """Fraction of non-special tokens selected for MLM and MNTP (BERT: 0.15); with
+    ``mask_rate_end`` set, the rate at the first step."""
+    mask_rate_end: float | None = None
+    """When set, the selection rate falls (or rises) linearly from ``mlm_probability`` at the first
+    step to this fraction at the last step of the run (GPT-BERT: 0.30 -> 0.15); a phase's own
+    ``@`` rate takes precedence. ``None``: constant."""
     mlm_target: str = "same_position"
     """``same_position`` (BERT-style) or ``next_position`` (MNTP, as in GPT-BERT)."""
     masking: str = "token"
@@ -496,6 +503,9 @@ def validate_recipe(r: Recipe) -> None:
     parse_schedule(r.objective.schedule)
     if not 0.0 < r.objective.mlm_probability < 1.0:
         raise ConfigError(f"objective.mlm_probability={r.objective.mlm_probability} must be in (0, 1), e.g. 0.15")
+    end = r.objective.mask_rate_end
+    if end is not None and not 0.0 < end < 1.0:
+        raise ConfigError(f"objective.mask_rate_end={end} must be in (0, 1), e.g. 0.15 (or unset for a constant rate)")
     _choice(r.objective.mlm_target, ("same_position", "next_position"), "objective.mlm_target")
     _choice(r.objective.masking, ("token", "span"), "objective.masking")
     _validate_run_settings(r)

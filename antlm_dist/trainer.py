@@ -14,6 +14,8 @@ every switch and after every resume.
 Loss normalisation: each micro-batch's summed loss is divided by the number of target
 tokens in the whole global batch (all micro-batches and all ranks), so an MLM micro-batch
 with few masked tokens weighs exactly as much as its tokens (:func:`global_batch_step`).
+A mixed phase normalises each objective by its own global target count and weighs the
+objectives by their share of the step's micro-batches (:mod:`antlm_dist.mixing`).
 """
 from __future__ import annotations
 
@@ -40,13 +42,14 @@ from antlm_dist.distributed import (all_reduce_sum, build_ds_config, build_engin
                                     world_info, zero_stage)
 from antlm_dist.eval.heldout import evaluate_heldout
 from antlm_dist.metrics import MetricsWriter, drop_records_after
+from antlm_dist.mixing import collators_for, mixed_batch_step, mixed_loss, objective_fields
 from antlm_dist.model import build_model
 from antlm_dist.plots import plot_run_or_warn
 from antlm_dist.progress import ProgressReporter, bar_wanted
 from antlm_dist.nonfinite import NONFINITE_EXIT_CODE, NonFiniteGuard
 from antlm_dist.run_folder import PREEMPT_EXIT_CODE, RunFolder
-from antlm_dist.schedule import (check_phase_agreement, format_schedule, parse_schedule, phase_for_step,
-                                 total_epochs, total_steps)
+from antlm_dist.schedule import (check_phase_agreement, format_schedule, is_causal, mask_rate_at, parse_schedule,
+                                 phase_for_step, schedule_objectives, step_assignment, total_epochs, total_steps)
 from antlm_dist.seeding import seed_model_init
 from antlm_dist.speedups import compile_layers, resolve_compile, single_rank_ds_config
 from antlm_dist.telemetry import Telemetry
@@ -106,7 +109,8 @@ def global_batch_step(engine, micro_batches, *, causal: bool, device, extra=()) 
 @dataclasses.dataclass
 class StepResult:
     """One optimizer step, summed over the global batch: loss (nats), targets, top-1 hits,
-    ranks that asked to stop, wall time (s) and the telemetry window of the step."""
+    ranks that asked to stop, wall time (s) and the telemetry window of the step. A mixed
+    step also has its per-objective sums (:func:`antlm_dist.mixing.mixed_batch_step`)."""
 
     loss_sum: float
     n_targets: float
@@ -114,9 +118,13 @@ class StepResult:
     stop_votes: float
     step_time_s: float
     window: object
+    per_objective: dict | None = None
 
     @property
     def loss(self) -> float:
+        """Nats per target; a mixed step's Σ_k w_k · S_k / N_k (:func:`antlm_dist.mixing.mixed_loss`)."""
+        if self.per_objective is not None:
+            return mixed_loss(self.per_objective)
         return self.loss_sum / max(self.n_targets, 1)
 
 
@@ -214,7 +222,11 @@ class Trainer:
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.n_steps = total_steps(self.phases, self.steps_per_epoch)
         self.clm_collator, self.mlm_collator = make_collators(r, self.tokenizer)
-        self.collators = {"CLM": self.clm_collator, "MLM": self.mlm_collator}
+        self.collators = collators_for(self.clm_collator, self.mlm_collator)  # CLM, MLM, MNTP
+        o = r.objective
+        scheduled = o.mask_rate_end is not None or any(p.mask_rate for p in self.phases)
+        self.mask_rate = (lambda step: mask_rate_at(step, self.phases, self.steps_per_epoch, o.mlm_probability,
+                                                    o.mask_rate_end)) if scheduled else None
         self.tokens_per_step = self.sampler.global_batch * r.data.seq_len
 
     def _build_engine(self) -> None:
@@ -327,7 +339,7 @@ class Trainer:
         run_start = time.perf_counter()
         step, exit_code = self.start_step, 0
         batches = BatchPrefetcher(self.train_blocks, self.sampler, self.collators, self.phases, self.steps_per_epoch,
-                                  self.start_step, self.n_steps)
+                                  self.start_step, self.n_steps, mask_rate=self.mask_rate)
         try:
             for index, phase, micro in batches:  # micro-batches collated ahead by a background thread
                 self.check_phase(index, phase)  # one all-reduce at a switch: every rank trains the same phase
@@ -353,6 +365,11 @@ class Trainer:
         """One optimizer step of ``phase`` on this rank's ``micro_batches``, timed and watched by telemetry."""
         t0 = time.perf_counter()
         with self.telemetry.window() as window:
+            if phase.mix:  # objectives mixed inside the step: (objective, batch) pairs
+                per, stop_votes = mixed_batch_step(self.engine, micro_batches, objectives=tuple(o for o, _ in phase.mix),
+                                                   device=self.device, extra=self._closing_votes)
+                sums = [sum(v[k] for v in per.values()) for k in ("loss_sum", "targets", "correct")]
+                return StepResult(*sums, stop_votes, time.perf_counter() - t0, window, per)
             loss_sum, n_global, correct, stop_votes = global_batch_step(
                 self.engine, micro_batches, causal=phase.causal, device=self.device,
                 extra=self._closing_votes)  # the stop vote rides on the step's closing all-reduce
@@ -373,7 +390,9 @@ class Trainer:
         believed = phase.index
         if self.debug.fault_phase_rank == self.rank:  # test-only: this rank believes the next phase
             believed += 1
-        check_phase_agreement(phase, self.phases, step, local_index=believed)
+        n_micro = self.world * self.recipe.train.gradient_accumulation_steps
+        assignment = step_assignment(phase, step, n_micro) if phase.mix else ()  # covers a mixed phase too
+        check_phase_agreement(phase, self.phases, step, local_index=believed, assignment=assignment)
         if self.checked_phase is not None:
             log.info("phase switch at step %d: %s -> %s (epoch %d)", step, self.phases[self.checked_phase].objective,
                      phase.objective, phase.epoch)
@@ -388,14 +407,18 @@ class Trainer:
         r = self.recipe
         if self.rank == 0 and (step % r.train.log_every_steps == 0 or step == self.n_steps):
             grad_norm = self.engine.get_global_grad_norm()
-            flops = self.flop_model.step(self.sampler.global_batch, r.data.seq_len, phase.causal, result.n_targets)
+            per = result.per_objective or {phase.objective: {"loss_sum": result.loss_sum, "targets": result.n_targets,
+                                                             "correct": result.n_correct, "weight": 1.0}}
+            flops = sum(self.flop_model.step(self.sampler.global_batch * v["weight"], r.data.seq_len, is_causal(o),
+                                             v["targets"]) for o, v in per.items())
             self.metrics.write(
                 "train", step=step, epoch=phase.epoch, phase=phase.objective, loss=result.loss,
                 accuracy=result.n_correct / max(result.n_targets, 1), lr=self.engine.get_lr()[0],
                 tokens=self.tokens_per_step, target_tokens=int(result.n_targets),
                 tokens_per_s=self.tokens_per_step / result.step_time_s, step_time_s=result.step_time_s,
                 grad_norm=None if grad_norm is None else float(grad_norm),
-                mfu=mfu(flops, result.step_time_s, self.peak_flops, self.world),
+                mfu=mfu(flops, result.step_time_s, self.peak_flops, self.world), **objective_fields(per),
+                **({"mask_rate": self.mask_rate(step - 1)} if self.mask_rate else {}),  # scheduled rates only
                 **result.window.summary.gpu_metrics(),
             )
         if self.progress is not None:
@@ -413,13 +436,17 @@ class Trainer:
                                            ("phase_end" if phase_end else "periodic"))
 
     def evaluate(self, step: int, reason: str) -> dict:
-        """Collective: held-out CLM and MLM loss, logged and written as an ``eval`` record."""
+        """Collective: held-out CLM and MLM loss (and MNTP when the schedule trains it),
+        logged and written as an ``eval`` record."""
+        extra = {"mntp": self.collators["MNTP"]} if "MNTP" in schedule_objectives(self.phases) else {}
         res = evaluate_heldout(self.engine, self.dev_blocks, self.clm_collator, self.mlm_collator,
-                               self.recipe.eval.micro_batch_size, self.device)
+                               self.recipe.eval.micro_batch_size, self.device, extra=extra)
+        more = {f"{k}_{f}": res[k][f] for k in extra for f in ("loss", "accuracy")}
         self.metrics.write("eval", step=step, reason=reason, clm_loss=res["clm"]["loss"], clm_ppl=res["clm"]["ppl"],
-                           mlm_loss=res["mlm"]["loss"], mlm_accuracy=res["mlm"]["accuracy"])
-        log.info("eval @ step %d (%s): CLM loss %.4f (ppl %.1f) | MLM loss %.4f (acc %.3f)", step, reason,
-                 res["clm"]["loss"], res["clm"]["ppl"], res["mlm"]["loss"], res["mlm"]["accuracy"])
+                           mlm_loss=res["mlm"]["loss"], mlm_accuracy=res["mlm"]["accuracy"], **more)
+        log.info("eval @ step %d (%s): CLM loss %.4f (ppl %.1f) | MLM loss %.4f (acc %.3f)%s", step, reason,
+                 res["clm"]["loss"], res["clm"]["ppl"], res["mlm"]["loss"], res["mlm"]["accuracy"],
+                 "".join(f" | {k.upper()} loss {res[k]['loss']:.4f} (acc {res[k]['accuracy']:.3f})" for k in extra))
         return res
 
     def check_finite(self, step: int, phase, result: StepResult) -> bool:

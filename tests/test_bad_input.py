@@ -47,10 +47,21 @@ def test_non_utf8_corpus(tmp_path, capsys, tiny_args):
            "a.train is not UTF-8", "offset 3", "iconv")
 
 
-@pytest.mark.parametrize("schedule,needle", [("4_CLX", "CLX"), ("0_MLM", "at least 1 epoch"), ("4CLM", "malformed")])
+@pytest.mark.parametrize("schedule,needle", [
+    ("4_CLX", "CLX"), ("0_MLM", "at least 1 epoch"), ("4CLM", "malformed"),
+    ("1_CLM+2_CLM:MNTP=2:30", "lowest terms (1:15)"), ("2_CLM:MNTP", "needs its ratio"),
+    ("2_CLM@0.3", "needs a masked objective"), ("2_MNTP@0.3..1.2", "must lie in (0, 1)"),
+])
 def test_malformed_schedule(tmp_path, capsys, tiny_args, schedule, needle):
-    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, f"objective.schedule={schedule}"],
-           "objective.schedule", needle)
+    err = _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, f"objective.schedule={schedule}"],
+                 "objective.schedule", needle)
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_mask_rate_end_out_of_range(tmp_path, capsys, tiny_args):
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, "objective.mask_rate_end=1.5"],
+           "objective.mask_rate_end=1.5", "(0, 1)")
+    assert not (tmp_path / "o").exists()
 
 
 def test_seq_len_beyond_positions(tmp_path, capsys, tiny_args):

@@ -59,8 +59,10 @@ def study(tmp_path_factory, tiny_tokenizer, data_cache):
 
 @pytest.mark.parametrize("extra, message", [
     (["--schedules", "1_CLM+1_MLM,3_CLM"], "total epochs differ (1_CLM+1_MLM = 2, 3_CLM = 3)"),
-    (["--schedules", "1_CLM+1_XLM,2_CLM"], "objective 'XLM' is not CLM or MLM"),
+    (["--schedules", "1_CLM+1_XLM,2_CLM"], "objective 'XLM' is not one of CLM, MLM, MNTP"),
     (["--schedules", "2_CLM,2_clm"], "lists a schedule twice"),
+    (["--schedules", "2_CLM:MNTP=1:15,3_CLM"], "total epochs differ (2_CLM:MNTP=1:15 = 2, 3_CLM = 3)"),
+    (["--schedules", "2_CLM:MNTP=2:30,2_CLM"], "lowest terms (1:15)"),
     (["--schedules", "2_CLM,,2_MLM"], "give comma-separated schedules"),
     (["--seeds", "1,x"], "--seeds '1,x'"),
     (["--seeds", "1,1"], "distinct integers"),
@@ -88,6 +90,17 @@ def test_unequal_epochs_pass_with_the_flag_and_blimp_is_required(tmp_path, capsy
     plan = study_cli._plan_from_args(args)
     assert plan.schedules == ["2_CLM", "3_CLM"] and [r.key for r in plan.runs] == ["2_CLM/seed1", "3_CLM/seed1"]
     assert not out.exists()
+
+
+def test_mixed_and_mask_rate_schedules_join_a_study(tmp_path):
+    args = study_cli.build_arg_parser().parse_args(
+        ["--config", "demo-cpu", "--out", str(tmp_path / "o"), "--no-blimp", "--schedules",
+         "1_CLM+2_MLM+1_CLM, 4_clm:mntp=1:15@0.30..0.15 ,4_MNTP"])
+    plan = study_cli._plan_from_args(args)  # each run's recipe is validated here too
+    assert plan.schedules == ["1_CLM+2_MLM+1_CLM", "4_CLM:MNTP=1:15@0.3..0.15", "4_MNTP"]
+    assert [r.key for r in plan.runs][1] == "4_CLM:MNTP=1:15@0.3..0.15/seed1"
+    assert "objective.schedule=4_CLM:MNTP=1:15@0.3..0.15" in plan.run_overrides(plan.runs[1], tmp_path)
+    assert not (tmp_path / "o").exists()
 
 
 def test_default_schedules_are_the_recipe_and_its_single_objective_baselines(tmp_path):

@@ -18,6 +18,7 @@ draws the same masks.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,24 @@ class MLMCollator:
         special[torch.as_tensor(sorted(set(special_ids)), dtype=torch.long)] = True
         self.is_special = special
         self.replacement_ids = torch.nonzero(~special).squeeze(1)
+
+    def variant(self, *, mlm_probability: float | None = None, mlm_target: str | None = None) -> "MLMCollator":
+        """A copy with another selection rate or target (e.g. MNTP from an MLM collator, or
+        a step's scheduled mask rate); the draws per (seed, epoch, sample) are unchanged.
+
+        Raises:
+            ValueError: a rate outside (0, 1) or an unknown ``mlm_target``.
+        """
+        out = copy.copy(self)
+        if mlm_probability is not None:
+            if not 0.0 < mlm_probability < 1.0:
+                raise ValueError(f"mask rate {mlm_probability} must lie in (0, 1)")
+            out.p = mlm_probability
+        if mlm_target is not None:
+            if mlm_target not in ("same_position", "next_position"):
+                raise ValueError(f"mlm_target={mlm_target!r}; use same_position or next_position")
+            out.mlm_target = mlm_target
+        return out
 
     def select(self, tokens: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(T,) bool selection for one sample: Bernoulli(p) over non-special tokens."""

@@ -18,6 +18,7 @@ from antlm_dist.data.collators import CLMCollator, MLMCollator
 from antlm_dist.data.tokenizer import (check_vocab_matches, load_tokenizer, save_tokenizer, special_token_ids,
                                        tokenizer_hash, train_tokenizer)
 from antlm_dist.distributed import barrier
+from antlm_dist.mixing import collate_step
 from antlm_dist.schedule import phase_for_step
 
 log = logging.getLogger("antlm_dist")
@@ -104,16 +105,22 @@ class BatchPrefetcher:
     Args:
         blocks: the training blocks (indexing with ids gives (B, T) int64).
         sampler: :class:`~antlm_dist.data.sampler.DistributedResumableSampler`.
-        collators: ``{"CLM": collator, "MLM": collator}``.
+        collators: ``{"CLM": collator, "MLM": collator}`` (and ``"MNTP"``, see
+            :func:`antlm_dist.mixing.collators_for`).
         phases, steps_per_epoch: the schedule, for :func:`antlm_dist.schedule.phase_for_step`.
+        mask_rate: ``step -> rate`` for a scheduled mask rate, or None (the collators' own).
+
+    A mixed phase's micro-batches come as ``(objective, Batch)`` pairs
+    (:func:`antlm_dist.mixing.collate_step`).
 
     An exception in the thread is raised again by the iterator. :meth:`close` stops the
     thread (the trainer calls it when it stops early).
     """
 
     def __init__(self, blocks, sampler, collators, phases, steps_per_epoch: int, start: int, stop: int,
-                 depth: int = 2):
+                 depth: int = 2, mask_rate=None):
         self._args = (blocks, sampler, collators, phases, steps_per_epoch)
+        self._mask_rate = mask_rate
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._closed = threading.Event()
         self._range = (start, stop)
@@ -125,8 +132,8 @@ class BatchPrefetcher:
         try:
             for step in range(*self._range):
                 phase = phase_for_step(step, phases, steps_per_epoch)
-                collator = collators[phase.objective]
-                micro = [collator(blocks[ids], ids, phase.epoch) for ids in sampler.micro_batches(step)]
+                rate = None if self._mask_rate is None else self._mask_rate(step)
+                micro = collate_step(blocks, sampler, collators, phase, step, rate)
                 if not self._put((step, phase, micro)):
                     return
         except BaseException as exc:  # noqa: BLE001 - handed to the training thread

@@ -1,4 +1,4 @@
-"""Held-out CLM and MLM loss on a corpus's ``.dev`` blocks, shared by the trainer and CLI.
+"""Held-out CLM and MLM (and MNTP) loss on a corpus's ``.dev`` blocks, shared by the trainer and CLI.
 
 CLM: mean next-token cross-entropy (nats) over every position with a label, and its
 perplexity exp(loss). MLM: mean cross-entropy and top-1 accuracy over the selected
@@ -69,17 +69,23 @@ def evaluate_objective(model, blocks: torch.Tensor, collator, micro_batch_size: 
             "targets": int(count), "ppl": math.exp(loss) if count and loss < 50 else float("inf")}
 
 
-def evaluate_heldout(model, blocks: torch.Tensor, clm_collator, mlm_collator, micro_batch_size: int, device) -> dict:
-    """Both objectives: ``{"clm": {...}, "mlm": {...}}`` (see :func:`evaluate_objective`).
+def evaluate_heldout(model, blocks: torch.Tensor, clm_collator, mlm_collator, micro_batch_size: int, device,
+                     extra: dict | None = None) -> dict:
+    """Both objectives: ``{"clm": {...}, "mlm": {...}}`` (see :func:`evaluate_objective`),
+    plus one entry per ``extra`` collator (e.g. ``{"mntp": collator}``, masked next-token
+    prediction, bidirectional: the label at t is the original token at t+1 where t+1 was
+    selected).
 
     Logs one line before it starts; a bar over the batches shows on a terminal (rank 0)."""
-    log.info("held-out evaluation: %d blocks, CLM and MLM, micro-batch %d", blocks.shape[0], micro_batch_size)
+    log.info("held-out evaluation: %d blocks, %s, micro-batch %d", blocks.shape[0],
+             " and ".join(["CLM", "MLM", *(k.upper() for k in extra or {})]), micro_batch_size)
     was_training = getattr(model, "training", False)
     model.eval()
     try:
         return {
             "clm": evaluate_objective(model, blocks, clm_collator, micro_batch_size, device),
             "mlm": evaluate_objective(model, blocks, mlm_collator, micro_batch_size, device),
+            **{name: evaluate_objective(model, blocks, c, micro_batch_size, device) for name, c in (extra or {}).items()},
         }
     finally:
         if was_training:
