@@ -47,7 +47,8 @@ class ClientState:
     (epoch, position in samples, global batch). schedule: ``objective.schedule`` as
     formatted by :func:`antlm_dist.schedule.format_schedule`. tokenizer_hash: sha256 hex of
     the run's ``tokenizer.json``. world_size: ranks that wrote it. recipe: the resolved
-    recipe as a dict.
+    recipe as a dict. words_seen: words of training text consumed (:mod:`antlm_dist.words`);
+    None in checkpoints written before words were counted.
     """
 
     step: int
@@ -56,6 +57,7 @@ class ClientState:
     tokenizer_hash: str
     world_size: int
     recipe: dict
+    words_seen: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -63,10 +65,11 @@ class ClientState:
     @classmethod
     def from_dict(cls, data: dict, where: str) -> "ClientState":
         """Raises CheckpointError naming ``where`` and the missing keys."""
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING]
         if missing:
             raise CheckpointError(f"{where} lacks {', '.join(missing)}; it was not written by this antlm-train")
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+        return cls(**{f.name: data[f.name] for f in fields if f.name in data})
 
 
 @dataclasses.dataclass(frozen=True)

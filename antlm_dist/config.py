@@ -157,6 +157,11 @@ class TrainConfig:
     """``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16``, ``fp16`` or ``fp32``."""
     stop_at_step: int | None = None
     """Stop (after checkpointing) once this many optimizer steps are done; the LR schedule is unaffected."""
+    max_words_seen: int | str | None = None
+    """Word budget (whitespace-separated words of training text, as BabyLM counts them; ``100M``
+    is the strict-small rule): the run ends, with its final evaluation and checkpoint, after the
+    last step that keeps the words seen within it. An integer or e.g. ``100M``, ``50k``; the LR
+    schedule is unaffected. ``None``: no budget."""
     log_every_steps: int = 1
     """Write a ``train`` record to metrics.jsonl every N steps."""
     max_nonfinite_steps: int = 3
@@ -208,6 +213,10 @@ class CheckpointConfig:
     """Checkpoint when a phase ends."""
     keep_last: int = 3
     """Complete checkpoints to keep (0: all)."""
+    milestones_words: Any = "babylm"
+    """Words seen at which to save a checkpoint and export it to ``<run>/hf/chck_<N>M``:
+    ``babylm`` (1M … 10M every 1M, then 20M … 100M every 10M), a list such as ``[50k, 1M]``,
+    ``every 50k``, or ``none``. See :mod:`antlm_dist.words`."""
 
 
 @dataclass
@@ -536,6 +545,19 @@ def _validate_run_settings(r: Recipe) -> None:
     if r.logging.wandb is not None:
         _choice(r.logging.wandb.mode, ("offline", "online"), "logging.wandb.mode")
     _positive(r.debug.step_delay_s, "debug.step_delay_s", allow_zero=True)
+    _validate_words(r)
+
+
+def _validate_words(r: Recipe) -> None:
+    """``train.max_words_seen`` and ``checkpoint.milestones_words`` parse (see :mod:`antlm_dist.words`)."""
+    from antlm_dist.words import Milestones, parse_word_count  # local: words imports nothing from here
+
+    try:
+        if r.train.max_words_seen is not None:
+            parse_word_count(r.train.max_words_seen, "train.max_words_seen")
+        Milestones.parse(r.checkpoint.milestones_words)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     _positive(r.debug.fault_phase_rank, "debug.fault_phase_rank", allow_zero=True)
 
 

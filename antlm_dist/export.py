@@ -286,6 +286,7 @@ def export_checkpoint(checkpoint: Path | str, out: Path | str, *, overwrite: boo
         meta["step"] = 0
     else:
         sd = consolidate_state_dict(ckpt_dir, tag)
+    meta["words_seen"] = 0 if untrained else state.words_seen  # None: written before words were counted
     return write_hf_folder(Path(out), recipe, sd, tok_dir, meta, overwrite=overwrite)
 
 

@@ -7,6 +7,7 @@ Layout::
     <run>/metrics.jsonl   one record per line (see antlm_dist.metrics)
     <run>/tokenizer/      the run's tokenizer
     <run>/checkpoints/    see antlm_dist.checkpoint
+    <run>/hf/chck_<N>M/   Hugging Face exports at the words-seen milestones (antlm_dist.words)
     <run>/cache/          packed-block cache (unless data.cache_dir is set)
     <run>/summary.json    final figures, written when the schedule completes
     <run>/plots/          loss, held-out loss, LR and tokens/s PNGs (see antlm_dist.plots)
@@ -33,7 +34,7 @@ PREEMPTED_MARKER = "PREEMPTED"
 """Written into the run folder beside exit status 75, because torchrun reports any failed
 worker as exit status 1: launch/slurm/antlm.sbatch requeues when it finds this file.
 Removed when the next run in the folder starts."""
-_OVERWRITTEN = RUN_MARKERS + ("tokenizer", "summary.json", "recipe.yaml", "logs", "plots", "tensorboard", "wandb")
+_OVERWRITTEN = RUN_MARKERS + ("tokenizer", "summary.json", "recipe.yaml", "logs", "plots", "tensorboard", "wandb", "hf")
 
 
 class RunFolder:

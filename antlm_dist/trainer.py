@@ -33,7 +33,7 @@ import torch
 from antlm_dist import __version__
 from antlm_dist.checkpoint import (TAG_PREFIX, CheckpointError, ClientState, check_resume, latest_tag, load_checkpoint,
                                    optimizer_partitions, read_client_state, save_checkpoint, universal_tag)
-from antlm_dist.config import Recipe, dump_recipe
+from antlm_dist.config import ConfigError, Recipe, dump_recipe
 from antlm_dist.data.blocks import load_blocks
 from antlm_dist.data.corpus import CorpusFiles
 from antlm_dist.data.pipeline import BatchPrefetcher, make_collators, prepare_tokenizer
@@ -55,6 +55,7 @@ from antlm_dist.speedups import compile_layers, resolve_compile, single_rank_ds_
 from antlm_dist.telemetry import Telemetry
 from antlm_dist.telemetry.flops import FlopModel, mfu, peak_flops_per_device
 from antlm_dist.trackers import build_trackers
+from antlm_dist.words import Milestones, WordCounter, export_milestones, parse_word_count
 
 log = logging.getLogger("antlm_dist")
 
@@ -185,6 +186,7 @@ class Trainer:
             log.info("MFU peak: %.3f TFLOP/s per device (%s)", self.peak_flops / 1e12, peak_source)
         self.telemetry = Telemetry(device, interval_s=0.5).start()
         self.start_step = self._load_resume_point(resume_point) if resume_point else 0
+        self._init_words(resume_point)
         if resume_point and self.rank == 0:  # steps logged after the checkpoint are trained again
             dropped = drop_records_after(run.metrics_path, self.start_step)
             if dropped:
@@ -198,6 +200,7 @@ class Trainer:
         self._skipped_steps = getattr(self.engine, "skipped_steps", 0)  # DeepSpeed's overflow count (restored)
         self.progress, self.last_eval, self.checked_phase = None, None, None
         self.failed = False  # set by a stop that must not write the summary
+        self.last_saved: tuple[int, Path | None] = (-1, None)  # (step, folder) of this process's last save
 
     # ---- building
 
@@ -256,9 +259,32 @@ class Trainer:
 
     # ---- checkpoints
 
+    def _init_words(self, resume_point) -> None:
+        """Words seen at the start step, the word budget (which may end the run early) and the milestones.
+
+        Raises:
+            ConfigError: ``train.max_words_seen`` is below the words of the first step.
+        """
+        self.word_counter = WordCounter(self.train_blocks.words, self.sampler)
+        saved = resume_point[1].words_seen if resume_point else 0
+        self.words_seen = self.word_counter.words_after(self.start_step) if saved is None else saved
+        self.milestones = Milestones.parse(self.recipe.checkpoint.milestones_words)
+        if self.recipe.train.max_words_seen is None:
+            return
+        budget = parse_word_count(self.recipe.train.max_words_seen, "train.max_words_seen")
+        end = self.word_counter.last_step_within(budget, self.n_steps)
+        if end == 0:
+            raise ConfigError(f"train.max_words_seen={budget} is less than the {self.word_counter.step_words(0)} "
+                              "words of the first optimizer step; raise it or use a smaller global batch")
+        if end < self.n_steps:  # the LR schedule (built for the whole schedule) is left as it is
+            log.info("train.max_words_seen=%d ends the run after step %d of %d (%d words)", budget, end,
+                     self.n_steps, self.word_counter.words_after(end))
+            self.n_steps = end
+
     def client_state(self, step: int) -> ClientState:
         return ClientState(step=step, sampler=self.sampler.state_dict(step), schedule=format_schedule(self.phases),
-                           tokenizer_hash=self.tok_hash, world_size=self.world, recipe=self.recipe.to_dict())
+                           tokenizer_hash=self.tok_hash, world_size=self.world, recipe=self.recipe.to_dict(),
+                           words_seen=self.words_seen)
 
     def _read_resume_point(self, json_config: dict) -> tuple[str, ClientState]:
         """The latest complete tag and its state, checked against this run; switches the
@@ -302,17 +328,20 @@ class Trainer:
                  phase.objective)
         return start_step
 
-    def save(self, step: int) -> None:
-        """Collective: checkpoint ``step`` and record it in metrics.jsonl, with a
-        ``checkpoint_deleted`` record for each older checkpoint that ``checkpoint.keep_last``
-        removed (so no ``checkpoint`` record is left pointing at nothing unannounced)."""
+    def save(self, step: int) -> Path:
+        """Collective: checkpoint ``step``, record it in metrics.jsonl and return its folder,
+        with a ``checkpoint_deleted`` record for each older checkpoint that
+        ``checkpoint.keep_last`` removed (so no ``checkpoint`` record is left pointing at nothing
+        unannounced)."""
         keep_last = self.recipe.checkpoint.keep_last
         before = {p for p in self.run.checkpoints.glob(TAG_PREFIX + "*") if p.is_dir()}
         path = save_checkpoint(self.engine, self.run.checkpoints, step, self.client_state(step), keep_last)
-        self.metrics.write("checkpoint", step=step, path=str(path))
+        self.metrics.write("checkpoint", step=step, path=str(path), words_seen=self.words_seen)
         for gone in sorted(p for p in before if not p.exists()):
             self.metrics.write("checkpoint_deleted", step=step, path=str(gone),
                                reason=f"checkpoint.keep_last={keep_last}")
+        self.last_saved = (step, path)
+        return path
 
     def _write_start(self) -> None:
         self.run.write_start(dump_recipe(self.recipe), {
@@ -345,6 +374,8 @@ class Trainer:
                 self.check_phase(index, phase)  # one all-reduce at a switch: every rank trains the same phase
                 result = self.train_step(phase, micro)
                 step = index + 1  # optimizer steps done
+                words_before = self.words_seen
+                self.words_seen += self.word_counter.step_words(index)  # the same sum on every rank, no collective
                 self.log_step(step, phase, result)
                 finite = self.check_finite(step, phase, result)  # same answer on every rank
                 if finite:
@@ -353,6 +384,7 @@ class Trainer:
                 reason = self.stop_reason(step, result)
                 if finite:  # never save a non-finite state: the last good checkpoint stays `latest`
                     self.maybe_checkpoint(step, phase, stopping=reason is not None)  # saved before stopping
+                    self.maybe_export_milestones(step, words_before)
                 if reason is not None and (step < self.n_steps or not finite):
                     exit_code = self.stop(step, reason, preempted=result.stop_votes > 0, phase=phase)
                     break
@@ -414,7 +446,7 @@ class Trainer:
             self.metrics.write(
                 "train", step=step, epoch=phase.epoch, phase=phase.objective, loss=result.loss,
                 accuracy=result.n_correct / max(result.n_targets, 1), lr=self.engine.get_lr()[0],
-                tokens=self.tokens_per_step, target_tokens=int(result.n_targets),
+                tokens=self.tokens_per_step, target_tokens=int(result.n_targets), words_seen=self.words_seen,
                 tokens_per_s=self.tokens_per_step / result.step_time_s, step_time_s=result.step_time_s,
                 grad_norm=None if grad_norm is None else float(grad_norm),
                 mfu=mfu(flops, result.step_time_s, self.peak_flops, self.world), **objective_fields(per),
@@ -477,6 +509,17 @@ class Trainer:
                 or (c.every_steps and step % c.every_steps == 0)):
             self.save(step)
 
+    def maybe_export_milestones(self, step: int, words_before: int) -> None:
+        """Collective: for the ``checkpoint.milestones_words`` this step reached, checkpoint the step
+        (every rank; reused when already saved) and export it to ``<run>/hf/chck_<N>`` (rank 0)."""
+        reached = self.milestones.crossed(words_before, self.words_seen)
+        if not reached:
+            return
+        tag_dir = self.last_saved[1] if self.last_saved[0] == step else self.save(step)
+        if self.rank == 0:  # the other ranks go on and wait in the next step's first collective
+            for record in export_milestones(tag_dir, self.run.path / "hf", reached):
+                self.metrics.write("milestone", step=step, words_seen=self.words_seen, **record)
+
     def stop(self, step: int, reason: str, preempted: bool, phase=None) -> int:
         """Record an early stop; returns the exit status (75 after preemption, for a requeue;
         :data:`NONFINITE_EXIT_CODE` after non-finite steps)."""
@@ -505,7 +548,7 @@ class Trainer:
             summary = {
                 "recipe": self.recipe.name, "schedule": format_schedule(self.phases), "steps": self.n_steps,
                 "world_size": self.world, "zero_stage": zero_stage(self.ds_config), "parameters": self.n_params,
-                "wall_time_s": elapsed_s,
+                "wall_time_s": elapsed_s, "words_seen": self.words_seen,
                 "tokens_per_s": (self.n_steps - self.start_step) * self.tokens_per_step / max(elapsed_s, 1e-9),
                 "final_eval": self.last_eval, "checkpoint": str(ckpt_dir / (latest_tag(ckpt_dir) or "")),
             }

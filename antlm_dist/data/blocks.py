@@ -6,6 +6,10 @@ A cache file is named by the corpus files (path, size, mtime), the tokenizer has
 (``datasets.map``, atomically renamed into place); the other ranks wait at a barrier and
 then map the same file. The operating system shares the mapped pages between the ranks
 of a node, so the blocks cost each rank only the pages it touches.
+
+Beside each cache file, ``<name>-<key>.words.npy`` holds the (N,) int64 word count of
+every block (:mod:`antlm_dist.data.dataset`: words whose first token lies in the block;
+the counts of all blocks sum to the corpus's whitespace word count).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from antlm_dist.data.dataset import blocks_array, build_packed_dataset
+from antlm_dist.data.dataset import block_word_counts, blocks_array, tokenize_and_pack
 from antlm_dist.distributed import barrier
 
 
@@ -26,12 +30,18 @@ class PackedBlocks:
     ``blocks[ids]`` (a list, tuple, array or tensor of N-indices) returns a new (B, T)
     int64 tensor, the dtype the collators expect; ``blocks[a:b]`` returns another
     ``PackedBlocks`` viewing the same memory (no copy).
+
+    ``words`` is the (N,) int64 number of corpus words whose first token lies in each
+    block, or None when unknown; slicing slices it too.
     """
 
-    def __init__(self, array: np.ndarray):
+    def __init__(self, array: np.ndarray, words: np.ndarray | None = None):
         if array.ndim != 2:
             raise ValueError(f"PackedBlocks needs a (N, T) array, got shape {array.shape}")
+        if words is not None and words.shape != (array.shape[0],):
+            raise ValueError(f"PackedBlocks: words has shape {words.shape}, expected ({array.shape[0]},)")
         self.array = array
+        self.words = words
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -42,7 +52,7 @@ class PackedBlocks:
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return PackedBlocks(self.array[index])
+            return PackedBlocks(self.array[index], None if self.words is None else self.words[index])
         if isinstance(index, torch.Tensor):
             index = index.numpy()
         rows = self.array[np.asarray(index, dtype=np.int64)]  # fancy indexing copies just these rows
@@ -71,19 +81,27 @@ def load_blocks(files, tokenizer, tok_hash: str, seq_len: int, cache_dir: Path, 
         num_proc: ``datasets.map`` workers for the build. name: "train" or "dev".
 
     Returns:
-        :class:`PackedBlocks` over a read-only int32 memory map ((0, seq_len) without files).
+        :class:`PackedBlocks` over a read-only int32 memory map ((0, seq_len) without
+        files), with the (N,) int64 words per block.
     """
     if not files:
-        return PackedBlocks(np.zeros((0, seq_len), dtype=np.int32))
+        return PackedBlocks(np.zeros((0, seq_len), dtype=np.int32), np.zeros((0,), dtype=np.int64))
     path = Path(cache_dir) / f"{name}-{cache_key(files, tok_hash, seq_len)}.npy"
-    if build and not path.is_file():
-        ds = build_packed_dataset(files, tokenizer, seq_len, Path(cache_dir) / "hf", num_proc=num_proc, desc=name)
-        arr = blocks_array(ds)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-        np.save(tmp, arr.astype(np.int32, copy=False))
-        os.replace(tmp, path)
+    words_path = path.with_name(path.name[: -len(".npy")] + ".words.npy")
+    if build and not (path.is_file() and words_path.is_file()):  # a cache from before word counts is rebuilt
+        ds, total_words = tokenize_and_pack(files, tokenizer, seq_len, Path(cache_dir) / "hf", num_proc=num_proc,
+                                            desc=name)
+        _save_atomic(words_path, block_word_counts(ds, total_words))  # first: the blocks file marks completion
+        _save_atomic(path, blocks_array(ds).astype(np.int32, copy=False))
     barrier()
     arr = np.load(path, mmap_mode="r")
+    words = np.load(words_path)
     if arr.shape[0] == 0:  # np.save of a (0, 0) array: keep the promised width
-        return PackedBlocks(np.zeros((0, seq_len), dtype=np.int32))
-    return PackedBlocks(arr)
+        return PackedBlocks(np.zeros((0, seq_len), dtype=np.int32), np.zeros((0,), dtype=np.int64))
+    return PackedBlocks(arr, words)
+
+
+def _save_atomic(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)

@@ -53,10 +53,18 @@ class DistributedResumableSampler:
 
     def permutation(self, epoch: int) -> torch.Tensor:
         """(N,) int64 visiting order of ``epoch``, from a generator seeded by (seed, epoch)."""
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            g = seeded_generator(self.seed, epoch)
-            self._perm_cache = (epoch, torch.randperm(self.num_samples, generator=g))
-        return self._perm_cache[1]
+        cached = self._perm_cache  # one read: the prefetch thread and the trainer both call this
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, torch.randperm(self.num_samples, generator=seeded_generator(self.seed, epoch)))
+            self._perm_cache = cached
+        return cached[1]
+
+    def global_batch_ids(self, step: int) -> torch.Tensor:
+        """(G,) int64 block ids of global optimizer ``step`` over all ranks and micro-batches;
+        the same on every rank and at every world size."""
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        base = step_in_epoch * self.global_batch
+        return self.permutation(epoch)[base : base + self.global_batch]
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """This rank's block ids for global optimizer ``step``: one list per micro-batch."""
