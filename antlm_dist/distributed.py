@@ -174,6 +174,7 @@ def build_ds_config(recipe: Recipe, world_size: int, device: torch.device, recip
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from exc
+    _check_zero_stage(cfg, path)
     t = recipe.train
     precision = resolve_precision(recipe, device)
     wanted = {
@@ -216,6 +217,22 @@ def build_ds_config(recipe: Recipe, world_size: int, device: torch.device, recip
             "(train.lr, train.warmup_steps, train.min_lr_ratio): remove that section"
         )
     return cfg
+
+
+def _check_zero_stage(cfg: dict, path: Path) -> None:
+    """ZeRO (Rajbhandari et al. 2020) has stages 0-3; DeepSpeed itself fails on another value
+    only after the model is built, with a traceback.
+
+    Raises:
+        ConfigError: naming the JSON file, the value and the allowed stages.
+    """
+    section = cfg.get("zero_optimization", {})
+    stage = section.get("stage", 0) if isinstance(section, dict) else section
+    if not isinstance(section, dict) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(
+            f"{path} sets zero_optimization.stage={stage!r}; ZeRO stages are 0, 1, 2 and 3: set one of them "
+            "in that file, or name a shipped config with distributed.deepspeed_config=zero2.json"
+        )
 
 
 def zero_stage(ds_config: dict) -> int:

@@ -16,6 +16,7 @@ import torch
 
 from antlm_dist.checkpoint import CheckpointError
 from antlm_dist.config import ConfigError, load_recipe
+from antlm_dist.data.block_count import check_training_blocks
 from antlm_dist.data.corpus import find_corpus
 from antlm_dist.data.tokenizer import check_vocab_matches, load_tokenizer
 from antlm_dist.distributed import build_ds_config, check_build_locks, dist_env, init_distributed, pick_device, world_info
@@ -60,8 +61,9 @@ def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = Tru
     Validates the recipe, the kernel backends and head dims for this machine, that no
     abandoned torch-extension build lock would hang the start, the output folder, the
     corpus (exists; with ``read_corpus`` also non-empty and UTF-8, which reads every file),
-    the DeepSpeed JSON against the recipe's batch sizes for ``world_size``, and a given
-    ``tokenizer.path`` against ``model.vocab_size``.
+    the DeepSpeed JSON against the recipe's batch sizes for ``world_size``, a given
+    ``tokenizer.path`` against ``model.vocab_size``, and (with ``read_corpus``) that the corpus
+    gives at least one global batch of blocks (:mod:`antlm_dist.data.block_count`).
 
     Returns:
         (recipe, corpus files).
@@ -80,6 +82,8 @@ def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = Tru
     if recipe.tokenizer.path:
         check_vocab_matches(load_tokenizer(recipe.tokenizer.path, recipe.tokenizer.kind), recipe.model.vocab_size,
                             f"tokenizer.path={recipe.tokenizer.path}")
+    if read_corpus:  # needs the files read; a tiny corpus is tokenised in memory, nothing written
+        check_training_blocks(recipe, corpus.train, world_size)
     return recipe, corpus
 
 
