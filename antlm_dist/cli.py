@@ -15,12 +15,12 @@ def train_main(argv: list[str] | None = None) -> int:
     """``antlm-train``. Under a launcher it is one rank; started alone it starts
     ``distributed.nproc_per_node`` local ranks (2 by default) with ``torchrun --standalone``.
     The recipe is validated here first, so a bad recipe fails before any rank starts."""
-    from antlm_dist.train import PREFLIGHT_DONE_ENV, build_arg_parser, main, preflight
+    from antlm_dist.train import PREFLIGHT_DONE_ENV, main, parse_args, preflight
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if _under_launcher():
         return main(argv)
-    args = build_arg_parser().parse_intermixed_args(argv)
+    args = parse_args(argv)
     try:
         from antlm_dist.config import load_recipe
 

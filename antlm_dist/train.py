@@ -42,13 +42,27 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default="demo-cpu", help="recipe YAML path or shipped recipe name (default: demo-cpu)")
     p.add_argument("--output-dir", required=True, help="run folder: tokenizer, metrics.jsonl, checkpoints/")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --output-dir")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="TAG",
+                   help="continue from the newest intact checkpoint in --output-dir, or from TAG (e.g. step00000120)")
     p.add_argument("--overwrite", action="store_true", help="delete a previous run in --output-dir first")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="local ranks to start when run without a launcher (default: distributed.nproc_per_node)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-3 objective.schedule=1_CLM+1_MLM")
     return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse antlm-train's arguments. ``--resume`` takes an optional TAG; an override right
+    after it (``--resume train.lr=1e-3``) stays an override, as it was before TAG existed."""
+    argv = list(argv)
+    for i, token in enumerate(argv[:-1]):
+        if token == "--resume" and "=" in argv[i + 1]:
+            argv[i] = "--resume="  # an empty TAG: resume from the newest intact checkpoint
+    args = build_arg_parser().parse_intermixed_args(argv)
+    if args.resume == "":
+        args.resume = True
+    return args
 
 
 def _device_kind() -> torch.device:
@@ -125,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_intermixed_args(argv)
+    args = parse_args(argv)
     try:
         code = run(args)
     except (ConfigError, CheckpointError, ValueError) as exc:

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from antlm_dist import __version__
-from antlm_dist.checkpoint import (CheckpointError, ClientState, check_resume, latest_tag, load_checkpoint,
-                                   read_client_state, save_checkpoint, universal_tag)
+from antlm_dist.checkpoint import (ClientState, check_resume, check_zero_stage, latest_tag, load_checkpoint,
+                                   read_client_state, save_checkpoint, select_resume_tag, universal_tag)
 from antlm_dist.config import Recipe, dump_recipe
 from antlm_dist.data.blocks import load_blocks
 from antlm_dist.data.corpus import CorpusFiles
@@ -139,7 +139,8 @@ class Trainer:
         run: the run folder (already checked by preflight).
         corpus: the corpus files (already validated by preflight).
         device: this rank's device.
-        resume: continue from the latest complete checkpoint in ``run``.
+        resume: continue from the newest intact checkpoint in ``run`` (True), or from the
+            tag given (a string).
         overwrite: replace a previous run in ``run``.
         recipe_source: how the recipe was given, for error messages.
 
@@ -150,7 +151,7 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, run: RunFolder, corpus: CorpusFiles, device: torch.device, *,
-                 resume: bool = False, overwrite: bool = False, recipe_source: str = "the recipe"):
+                 resume: bool | str = False, overwrite: bool = False, recipe_source: str = "the recipe"):
         self.recipe, self.run, self.device, self.resume = recipe, run, device, resume
         self.rank, self.world = world_info()
         self.phases = parse_schedule(recipe.objective.schedule)
@@ -225,9 +226,9 @@ class Trainer:
     def _read_resume_point(self) -> tuple[str, ClientState]:
         """The latest complete tag and its state, checked against this run; switches the
         DeepSpeed config to the universal loader when the world size differs."""
-        tag = latest_tag(self.run.checkpoints)
-        if tag is None:
-            raise CheckpointError(f"--resume: no complete checkpoint under {self.run.checkpoints}")
+        # verified against its manifest; a damaged newest one falls back to the newest intact one
+        tag = select_resume_tag(self.run.checkpoints, self.resume if isinstance(self.resume, str) else None)
+        check_zero_stage(self.run.checkpoints, tag, zero_stage(self.ds_config))  # before DeepSpeed loads anything
         _, state = read_client_state(self.run.checkpoints, tag)
         t = self.recipe.train
         if check_resume(state, tag, global_batch=self.sampler.global_batch, micro_batch_size=t.micro_batch_size,
@@ -255,7 +256,7 @@ class Trainer:
     def save(self, step: int) -> None:
         """Collective: checkpoint ``step`` and record it in metrics.jsonl."""
         path = save_checkpoint(self.engine, self.run.checkpoints, step, self.client_state(step),
-                               self.recipe.checkpoint.keep_last)
+                               self.recipe.checkpoint.keep_last, zero_stage=zero_stage(self.ds_config))
         self.metrics.write("checkpoint", step=step, path=str(path))
 
     def _write_start(self) -> None:
@@ -265,7 +266,7 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.n_steps, "tokenizer_hash": self.tok_hash,
             "global_batch": self.sampler.global_batch, "tokens_per_step": self.tokens_per_step,
         })
-        self.metrics.write("start", step=self.start_step, resumed=self.resume, world_size=self.world,
+        self.metrics.write("start", step=self.start_step, resumed=bool(self.resume), world_size=self.world,
                            total_steps=self.n_steps)
 
     # ---- the loop
