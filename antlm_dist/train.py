@@ -52,10 +52,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse antlm-train's arguments. ``--resume`` takes an optional TAG; an override right
     after it (``--resume train.lr=1e-3``) stays an override, as it was before TAG existed."""
-    argv = list(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     for i, token in enumerate(argv[:-1]):
         if token == "--resume" and "=" in argv[i + 1]:
             argv[i] = "--resume="  # an empty TAG: resume from the newest intact checkpoint
