@@ -7,10 +7,14 @@ error naming both files.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import logging
 import math
 import os
+import sys
+import threading
 import time
 import warnings
 from importlib import resources
@@ -39,6 +43,8 @@ def pick_device(local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if sys.prefix != sys.base_prefix:  # in a venv: the op that launch/setup.sh built there (antlm_dist.prebuild)
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     return torch.device("cpu")
 
@@ -64,24 +70,63 @@ def check_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> None:
     Raises:
         StaleBuildLockError: naming the lock file, its age and the command that removes it.
     """
-    from torch.utils.cpp_extension import get_default_build_root
-
-    # torch builds into $TORCH_EXTENSIONS_DIR/<op>, else <cache>/torch_extensions/py311_cpu/<op>
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    if not root.is_dir():
-        return
-    now = time.time()
-    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
-        try:
-            age = now - lock.stat().st_mtime
-        except FileNotFoundError:  # a build finished meanwhile
-            continue
+    for lock, age in _build_locks():
         if age > max_age_s:
             raise StaleBuildLockError(
                 f"{lock} is a torch-extension build lock left {age / 60:.0f} minutes ago, most likely by a "
                 f"process killed while building {lock.parent.name}; a new run would wait on it forever. "
                 f"If no build is running on this machine, remove it (rm {lock}) and start again."
             )
+
+
+def _build_locks() -> list[tuple[Path, float]]:
+    """(lock file, age in seconds) of every torch-extension build lock that exists now."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    # torch builds into $TORCH_EXTENSIONS_DIR/<op>, else <cache>/torch_extensions/py311_cpu/<op>
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    if not root.is_dir():
+        return []
+    now, out = time.time(), []
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            out.append((lock, now - lock.stat().st_mtime))
+        except FileNotFoundError:  # a build finished meanwhile
+            continue
+    return out
+
+
+BUILD_LOCK_REPORT_S = 3.0
+"""A build lock older than this (seconds) is reported while a rank starts DeepSpeed."""
+
+
+@contextlib.contextmanager
+def reporting_build_locks(interval_s: float = 1.0, report_after_s: float = BUILD_LOCK_REPORT_S):
+    """While the body runs, a thread reports every torch-extension build lock older than
+    ``report_after_s`` seconds (path, age, the op and the fix), again each minute it stays.
+
+    DeepSpeed's start-up builds or loads its CPU op under such a lock, and a rank that waits
+    on it shows nothing else; with this, a run never waits silently.
+    """
+    log = logging.getLogger("antlm_dist")
+    stop, reported = threading.Event(), {}
+
+    def watch():
+        while not stop.wait(interval_s):
+            for lock, age in _build_locks():
+                if age >= report_after_s and time.monotonic() - reported.get(lock, -1e9) >= 60:
+                    reported[lock] = time.monotonic()
+                    log.warning("waiting on %s, a torch-extension build lock %.0f s old: %s is being built, here or "
+                                "by another process; if no build runs on this machine, remove it (rm %s)",
+                                lock, age, lock.parent.name, lock)
+
+    thread = threading.Thread(target=watch, name="antlm-build-lock-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def init_distributed(recipe: Recipe, device: torch.device) -> None:
@@ -103,10 +148,11 @@ def init_distributed(recipe: Recipe, device: torch.device) -> None:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    deepspeed.init_distributed(
-        dist_backend=backend, verbose=False,
-        timeout=datetime.timedelta(minutes=recipe.distributed.timeout_minutes),
-    )
+    with reporting_build_locks():  # on CPU DeepSpeed loads (or builds) its shared-memory op here
+        deepspeed.init_distributed(
+            dist_backend=backend, verbose=False,
+            timeout=datetime.timedelta(minutes=recipe.distributed.timeout_minutes),
+        )
 
 
 def world_info() -> tuple[int, int]:

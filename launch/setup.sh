@@ -11,11 +11,19 @@ TORCH_SPEC=${ANTLM_TORCH_SPEC:-torch==2.13.0}
 STAMP="$VENV/.antlm-installed"
 want=$(cat "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)
 
-if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
-  exit 0
+OPS_STAMP="$VENV/.antlm-ops-built"
+
+if ! { [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; }; then
+  echo "[setup] installing into $VENV (torch first: $TORCH_SPEC)" >&2
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[dev]"
+  echo "$want" > "$STAMP"
+  rm -f "$OPS_STAMP"
 fi
-echo "[setup] installing into $VENV (torch first: $TORCH_SPEC)" >&2
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[dev]"
-echo "$want" > "$STAMP"
+# DeepSpeed's CPU communication op, built once here so that no run waits for its build; runs
+# find it in $VENV/torch_extensions (or $TORCH_EXTENSIONS_DIR when set). A failed build is
+# reported and the first run builds it instead.
+if [ ! -f "$OPS_STAMP" ] && "$VENV/bin/python" -m antlm_dist.prebuild >&2; then
+  echo "${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}" > "$OPS_STAMP"
+fi
