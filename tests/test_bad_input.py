@@ -238,3 +238,11 @@ def test_block_count_matches_the_packing_and_the_bound_holds(tmp_path, tiny_toke
     packed = blocks_array(build_packed_dataset(files, tok, 32, tmp_path / "hf", num_proc=1))
     assert count == packed.shape[0] > 0
     assert block_upper_bound(files, 32) >= count
+
+
+def test_contradicting_run_folder_options(tmp_path, capsys, tiny_args):
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), "--resume", "--overwrite", *tiny_args],
+           "--resume and --overwrite contradict each other")
+    (tmp_path / "f").write_text("")
+    _fails(capsys, ["--output-dir", str(tmp_path / "f"), *tiny_args], "is a file; give a folder")
+    assert not (tmp_path / "o").exists() and (tmp_path / "f").read_text() == ""
