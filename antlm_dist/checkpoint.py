@@ -351,8 +351,7 @@ def _stop_if_failed(errors: list, ckpt_dir: Path, tag: str, rank: int) -> None:
                           f"{'latest stays ' + keep if keep else 'no complete checkpoint exists yet'}")
 
 
-def _finish_on_rank0(ckpt_dir: Path, tag: str, client_state: dict, hashes: dict, algo: str, extra: dict,
-                     keep_last: int) -> None:
+def _finish_on_rank0(ckpt_dir: Path, tag: str, hashes: dict, algo: str, extra: dict, keep_last: int) -> None:
     """Manifest (last file, atomic), rename to the final tag, ``COMPLETE``, ``latest``, pruning."""
     tmp, final = ckpt_dir / (tag + ".tmp"), ckpt_dir / tag
     manifest = {"format": 1, "tag": tag, "hash": algo, **extra, "files": hashes}
@@ -412,8 +411,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: ClientState
     error = None
     if rank == 0:
         try:
-            _finish_on_rank0(ckpt_dir, tag, client_state, hashes, algo,
-                             {"zero_stage": zero_stage, "world_size": world}, keep_last)
+            _finish_on_rank0(ckpt_dir, tag, hashes, algo, {"zero_stage": zero_stage, "world_size": world}, keep_last)
         except OSError as exc:
             error = _write_error(exc, tmp)
     _stop_if_failed(_gather(error), ckpt_dir, tag, rank)

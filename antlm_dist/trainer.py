@@ -224,8 +224,8 @@ class Trainer:
                            tokenizer_hash=self.tok_hash, world_size=self.world, recipe=self.recipe.to_dict())
 
     def _read_resume_point(self) -> tuple[str, ClientState]:
-        """The latest complete tag and its state, checked against this run; switches the
-        DeepSpeed config to the universal loader when the world size differs."""
+        """The newest intact tag (or the one given to --resume) and its state, checked against
+        this run; switches the DeepSpeed config to the universal loader when the world size differs."""
         # verified against its manifest; a damaged newest one falls back to the newest intact one
         tag = select_resume_tag(self.run.checkpoints, self.resume if isinstance(self.resume, str) else None)
         check_zero_stage(self.run.checkpoints, tag, zero_stage(self.ds_config))  # before DeepSpeed loads anything
