@@ -89,10 +89,13 @@ class RunFolder:
         """Collective: with ``overwrite`` (or after a run stopped during its first save) delete the
         previous run's files, create the folder, drop a stale preemption marker and the partial
         folders of interrupted saves (rank 0), then wait for every rank."""
+        replaced = _OVERWRITTEN
         if self.rank == 0 and self.path.exists() and not overwrite and self.stopped_before_first_checkpoint():
-            overwrite = True  # nothing complete to keep: start afresh instead of mixing two runs' metrics
+            # nothing complete to keep: start afresh instead of mixing two runs' metrics; keep logs/,
+            # where a requeued SLURM job is writing already
+            overwrite, replaced = True, tuple(m for m in _OVERWRITTEN if m != "logs")
         if self.rank == 0 and overwrite and self.path.exists():
-            for m in _OVERWRITTEN:
+            for m in replaced:
                 target = self.path / m
                 shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
         if self.rank == 0:

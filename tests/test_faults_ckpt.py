@@ -133,12 +133,15 @@ def test_kill_during_the_first_save_leaves_a_run_a_plain_restart_accepts(tmp_pat
     (run / "checkpoints" / "step00000004.tmp" / MODEL).write_bytes(b"partial")
     (run / "run.json").write_text("{}")
     (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    (run / "logs").mkdir()
+    (run / "logs" / "job7.log").write_text("the batch script's own lines\n")
     folder = RunFolder(run)
     with pytest.raises(ConfigError, match=r"holds no complete checkpoint .*without --resume.*--overwrite"):
         folder.check(resume=True, overwrite=False)
     folder.check(resume=False, overwrite=False)  # accepted: nothing complete to lose
     folder.prepare(overwrite=False)
-    assert sorted(p.name for p in run.iterdir()) == []  # the interrupted run's files are gone
+    assert sorted(p.name for p in run.iterdir()) == ["logs"]  # the interrupted run's files are gone
+    assert (run / "logs" / "job7.log").is_file()  # a SLURM job's logs stay
     # a run with a complete checkpoint is still protected
     _save(run / "checkpoints", 4)
     (run / "metrics.jsonl").write_text("")
@@ -211,3 +214,67 @@ def test_resume_tag_argument_keeps_a_following_override():
     assert a.resume == "step00000004" and a.overrides == ["train.lr=1e-3"]
     assert parse_args(["--output-dir", "o"]).resume is False
     assert parse_args(["--output-dir", "o", "train.lr=1", "--resume"]).resume is True
+
+
+# ----------------------------------------------------------------------------- end to end on 2 CPU ranks
+
+def test_two_ranks_damaged_checkpoint_zero_stage_change_and_fallback(tmp_path, tiny_tokenizer, data_cache):
+    """A truncated model file in the newest checkpoint and garbage in ``latest``: a resume
+    under ZeRO-3 is refused naming both stages, and a resume under ZeRO-2 falls back to the
+    older checkpoint, naming the damaged file, and retrains the lost steps exactly."""
+    from antlm_testutil import assert_ok, run_cli, tiny_args_for, train_losses
+
+    out = tmp_path / "run"
+    base = ["--output-dir", str(out), *tiny_args_for(tiny_tokenizer, data_cache)]
+    assert_ok(run_cli(base + ["train.stop_at_step=8"]))  # checkpoints at the phase ends, steps 4 and 8
+    first = train_losses(out)
+    ckpt = out / "checkpoints"
+    manifest = json.loads((ckpt / "step00000008" / MANIFEST).read_text())
+    assert manifest["zero_stage"] == 2 and manifest["world_size"] == 2 and MODEL in manifest["files"]
+    model = ckpt / "step00000008" / MODEL
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    (ckpt / "latest").write_bytes(b"\x00garbage")
+
+    z3 = run_cli(base + ["--resume", "distributed.deepspeed_config=zero3.json"])
+    assert z3.returncode != 0
+    assert "written under ZeRO stage 2 but this run uses ZeRO stage 3" in z3.stderr, z3.stderr[-3000:]
+
+    resumed = run_cli(base + ["--resume"])
+    assert_ok(resumed)
+    log = resumed.stderr + resumed.stdout
+    assert "not a checkpoint tag; it is ignored" in log
+    assert f"checkpoint step00000008 is damaged: {model} has" in log
+    assert "resumed from step00000004 at step 4" in log
+    again = train_losses(out)  # the last record per step: steps 5-8 retrained from step 4
+    assert sorted(again) == list(range(1, 13))
+    for step in range(5, 9):
+        assert again[step][0] == first[step][0]
+        assert again[step][1] == pytest.approx(first[step][1], rel=1e-6, abs=0), step
+    assert (ckpt / "latest").read_text() == "step00000012"
+
+
+def test_a_rank_waiting_on_a_build_lock_says_so_within_seconds(tmp_path, monkeypatch, caplog):
+    """A build lock held by another process (torch's FileBaton, as DeepSpeed's op build takes
+    it) is reported with its path and age while DeepSpeed starts, not waited on silently."""
+    import re
+    import time
+
+    from torch.utils.file_baton import FileBaton
+
+    from antlm_dist.distributed import reporting_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    holder = FileBaton(str(lock))
+    assert holder.try_acquire()  # a build in progress elsewhere
+    then = time.time() - 30
+    os.utime(lock, (then, then))
+    with caplog.at_level(logging.WARNING, logger="antlm_dist"), reporting_build_locks(interval_s=0.05):
+        assert not FileBaton(str(lock)).try_acquire()  # what a second rank meets
+        deadline = time.monotonic() + 20
+        while "waiting on" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+    holder.release()
+    assert f"waiting on {lock}" in caplog.text and f"rm {lock}" in caplog.text
+    assert re.search(r"lock (30|31|32) s old: deepspeed_shm_comm is being built", caplog.text), caplog.text
