@@ -36,15 +36,15 @@ def dist_env() -> tuple[int, int, int]:
 def pick_device(local_rank: int) -> torch.device:
     """This rank's device: ``cuda:<local_rank>`` when CUDA is present, else the CPU.
 
-    On CPU it also tells DeepSpeed (before its first import) to use its CPU accelerator,
-    and silences the deprecation warning torch emits for DeepSpeed's all-gather call.
+    On CPU it also tells DeepSpeed (before its first import) to use its CPU accelerator and
+    where its prebuilt CPU op lives (:func:`torch_extensions_root`), and silences the
+    deprecation warning torch emits for DeepSpeed's all-gather call.
     """
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if sys.prefix != sys.base_prefix:  # in a venv: the op that launch/setup.sh built there (antlm_dist.prebuild)
-        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(torch_extensions_root())
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     return torch.device("cpu")
 
@@ -79,12 +79,22 @@ def check_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> None:
             )
 
 
-def _build_locks() -> list[tuple[Path, float]]:
-    """(lock file, age in seconds) of every torch-extension build lock that exists now."""
+def torch_extensions_root() -> Path:
+    """Where DeepSpeed's JIT-built ops live for a run: ``$TORCH_EXTENSIONS_DIR`` when set, else
+    ``<venv>/torch_extensions`` inside a venv (where ``launch/setup.sh`` prebuilt them, see
+    :mod:`antlm_dist.prebuild`), else torch's default ``~/.cache/torch_extensions/py311_cpu``."""
     from torch.utils.cpp_extension import get_default_build_root
 
-    # torch builds into $TORCH_EXTENSIONS_DIR/<op>, else <cache>/torch_extensions/py311_cpu/<op>
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    if sys.prefix != sys.base_prefix:  # a venv of its own: no rebuilds for other venvs' DeepSpeed sources
+        return Path(sys.prefix) / "torch_extensions"
+    return Path(get_default_build_root())
+
+
+def _build_locks() -> list[tuple[Path, float]]:
+    """(lock file, age in seconds) of every torch-extension build lock that exists now."""
+    root = torch_extensions_root()  # torch builds each op into <root>/<op>
     if not root.is_dir():
         return []
     now, out = time.time(), []
