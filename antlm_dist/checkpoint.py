@@ -464,8 +464,10 @@ def check_zero_stage(ckpt_dir: Path, tag: str, stage: int) -> None:
     """Refuse, before any load, a checkpoint written under another ZeRO stage.
 
     DeepSpeed's loaders assume the stage that wrote the files (a bare ``AssertionError``
-    from its state-dict factory otherwise). Checkpoints without a manifest record no stage
-    and pass.
+    from its state-dict factory otherwise). Its universal format does not bridge stages
+    either: a ZeRO-2 checkpoint converted with ``ds_to_universal`` and loaded under ZeRO-3
+    fails the same way in DeepSpeed 0.19.8 (it looks for ZeRO-3 model-state files the
+    conversion does not write). Checkpoints without a manifest record no stage and pass.
 
     Raises:
         CheckpointError: naming both stages and the fix.
