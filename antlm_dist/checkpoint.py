@@ -5,14 +5,18 @@ Layout under ``<output_dir>/checkpoints``::
     step00000120/          one DeepSpeed tag (model, optimizer, scheduler states)
         client_state.json  step, epoch, sampler position, schedule, tokenizer hash, recipe
         rng_rank<r>.pt     per-rank torch/python RNG states
+        MANIFEST.json      size and checksum of every file above, the ZeRO stage and world size
         COMPLETE           written last
         universal/         only after a resume at another world size: the same state in
                            DeepSpeed's universal format (see :func:`universal_tag`)
     latest                 the newest complete tag (DeepSpeed's own pointer format)
 
-Every rank writes into ``<tag>.tmp``; after a barrier rank 0 renames it to ``<tag>``,
-writes ``COMPLETE`` and then replaces ``latest`` atomically (write + ``os.replace``). A
-crash at any point leaves the previous ``latest`` checkpoint untouched.
+Every rank writes into ``<tag>.tmp``; then the ranks hash the files (each a share) and
+rank 0 writes ``MANIFEST.json`` atomically, renames the folder to ``<tag>``, writes
+``COMPLETE`` and replaces ``latest`` atomically (write + ``os.replace``). A crash at any
+point leaves the previous ``latest`` checkpoint untouched; a failed write (a full disk)
+removes the partial folder and says why. ``--resume`` verifies the newest checkpoint
+against its manifest and falls back to the newest intact one (:func:`select_resume_tag`).
 
 This module is the only one that knows the layout: the trainer, ``antlm-export`` and
 ``launch/slurm/antlm.sbatch`` (through ``python -m antlm_dist.checkpoint latest RUN``)
@@ -21,18 +25,23 @@ all go through it.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import logging
 import os
+import re
 import random
 import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-from antlm_dist.distributed import barrier, world_info
+# torch and antlm_dist.distributed are imported where used: the launcher's run-folder checks
+# (complete_tags) must not wait for torch
 
 TAG_PREFIX = "step"
+MANIFEST = "MANIFEST.json"
+_TAG_RE = re.compile(rf"^{TAG_PREFIX}\d{{8}}$")
+log = logging.getLogger("antlm_dist")
 
 
 class CheckpointError(RuntimeError):
@@ -98,21 +107,52 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def pointer_problem(ckpt_dir: Path) -> str | None:
+    """What is wrong with ``<ckpt_dir>/latest`` (garbage, or naming no complete tag), or None."""
+    pointer = Path(ckpt_dir) / "latest"
+    if not pointer.is_file():
+        return None
+    raw = pointer.read_bytes()[:200]
+    text = raw.decode("utf-8", "replace").strip()
+    if not _TAG_RE.match(text):
+        return f"{pointer} holds {raw[:40]!r}, not a checkpoint tag; it is ignored and the tag folders are scanned"
+    if not (Path(ckpt_dir) / text / "COMPLETE").is_file():
+        return f"{pointer} names {text}, which is not complete; it is ignored and the tag folders are scanned"
+    return None
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
-    """The newest complete tag, or None. Falls back to scanning if ``latest`` is stale."""
+    """The newest complete tag, or None. Scans the tag folders when ``latest`` is stale or
+    garbage (and logs that, see :func:`pointer_problem`)."""
     ckpt_dir = Path(ckpt_dir)
-    pointer = ckpt_dir / "latest"
-    if pointer.is_file():
-        tag = pointer.read_text().strip()
-        if (ckpt_dir / tag / "COMPLETE").is_file():
-            return tag
-    tags = _complete_tags(ckpt_dir)
+    problem = pointer_problem(ckpt_dir)
+    if problem is None and (ckpt_dir / "latest").is_file():
+        return (ckpt_dir / "latest").read_text().strip()
+    if problem:
+        log.warning("%s", problem)
+    tags = complete_tags(ckpt_dir)
     return tags[-1].name if tags else None
 
 
-def _complete_tags(ckpt_dir: Path) -> list[Path]:
+def complete_tags(ckpt_dir: Path) -> list[Path]:
     """Tag folders holding a ``COMPLETE`` marker, oldest first (tags sort by step)."""
-    return sorted(p for p in ckpt_dir.glob(f"{TAG_PREFIX}*") if (p / "COMPLETE").is_file())
+    return sorted(p for p in Path(ckpt_dir).glob(f"{TAG_PREFIX}*")
+                  if _TAG_RE.match(p.name) and (p / "COMPLETE").is_file())
+
+
+def remove_stale_partials(ckpt_dir: Path) -> list[Path]:
+    """Delete what interrupted saves left: ``<tag>.tmp`` folders, ``latest.tmp<pid>`` files and
+    ``<tag>/universal.tmp``. Call it only when no save is running (rank 0, at start-up).
+
+    Returns:
+        The removed paths.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    stale = [*ckpt_dir.glob(f"{TAG_PREFIX}*.tmp"), *ckpt_dir.glob("latest.tmp*"),
+             *ckpt_dir.glob(f"{TAG_PREFIX}*/{UNIVERSAL_SUBDIR}.tmp")]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
 
 
 def resolve_checkpoint(path: Path | str) -> CheckpointRef:
@@ -144,44 +184,310 @@ def resolve_checkpoint(path: Path | str) -> CheckpointRef:
     return CheckpointRef(p, tag, p.parent)
 
 
+# ----------------------------------------------------------------------------- manifest
+
+def _hash_name() -> str:
+    """xxh3-128 (the ``xxhash`` package, a dependency of ``datasets``): a non-cryptographic
+    checksum several times faster than sha256, enough to catch truncation and corruption;
+    sha256 where it is missing."""
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        return "sha256"
+    return "xxh3_128"
+
+
+def file_checksum(path: Path, name: str) -> str:
+    """Hex digest of the file at ``path`` with ``name`` (``xxh3_128`` or a hashlib name)."""
+    if name == "xxh3_128":
+        import xxhash
+
+        h = xxhash.xxh3_128()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        return h.hexdigest()
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, name).hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> list[str]:
+    """Files of a tag folder (relative POSIX paths, sorted) that its manifest covers."""
+    skip = {MANIFEST, "COMPLETE"}
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
+                  and p.name not in skip and p.relative_to(folder).parts[0] not in (UNIVERSAL_SUBDIR,
+                                                                                     UNIVERSAL_SUBDIR + ".tmp"))
+
+
+def _gather(obj) -> list:
+    """``obj`` of every rank (all_gather_object), or ``[obj]`` without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _hash_share(folder: Path, names: list[str], algo: str) -> dict:
+    """Collective: every rank hashes ``names[rank::world]``; returns {name: [bytes, hex]} of all."""
+    from antlm_dist.distributed import world_info
+
+    rank, world = world_info()
+    mine = {n: [(folder / n).stat().st_size, file_checksum(folder / n, algo)] for n in names[rank::world]}
+    merged: dict = {}
+    for part in _gather(mine):
+        merged.update(part)
+    return merged
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The parsed ``MANIFEST.json`` of a tag folder, or None when the folder has none.
+
+    Raises:
+        CheckpointError: the manifest exists but is not valid (naming the file).
+    """
+    f = Path(folder) / MANIFEST
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+        assert isinstance(data["files"], dict) and isinstance(data["hash"], str)
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        raise CheckpointError(f"{f} is damaged ({type(exc).__name__}); the checkpoint cannot be verified") from exc
+    return data
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """Collective: check every file of a complete tag folder against its manifest.
+
+    Sizes are compared first (cheap); the checksums are split across the ranks. A folder
+    written before manifests existed is only checked for a readable ``client_state.json``.
+
+    Returns:
+        None when intact, else what is damaged, naming the file (the same on every rank).
+    """
+    folder = Path(folder)
+    try:
+        manifest = read_manifest(folder)
+    except CheckpointError as exc:
+        return str(exc)
+    if manifest is None:
+        try:
+            json.loads((folder / "client_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return f"{folder / 'client_state.json'} is unreadable ({type(exc).__name__})"
+        return None
+    problems = []
+    for name, (size, _) in sorted(manifest["files"].items()):
+        p = folder / name
+        if not p.is_file():
+            problems.append(f"{p} is missing")
+        elif p.stat().st_size != size:
+            problems.append(f"{p} has {p.stat().st_size} bytes, the manifest records {size} (truncated or overwritten)")
+    if problems:
+        return "; ".join(problems)
+    got = _hash_share(folder, sorted(manifest["files"]), manifest["hash"])
+    bad = [n for n in sorted(manifest["files"]) if got[n][1] != manifest["files"][n][1]]
+    return "; ".join(f"{folder / n} does not match its {manifest['hash']} checksum" for n in bad) or None
+
+
+# ----------------------------------------------------------------------------- saving
+
+NO_SPACE = "No space left on device"
+
+
+def _write_error(exc: BaseException, folder: Path) -> str:
+    """One line for a failed checkpoint write; a full disk is named as such even when torch's
+    stream writer hides ENOSPC behind ``basic_ios::clear: iostream error``."""
+    chain, e = [], exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    full = any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in chain) or NO_SPACE in str(exc)
+    if not full and "iostream error" in str(exc):
+        try:
+            full = shutil.disk_usage(folder if folder.exists() else folder.parent).free < (64 << 20)
+        except OSError:
+            pass
+    return f"{NO_SPACE} ({exc})" if full else f"{type(exc).__name__}: {exc}"
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    """Bytes of a tag folder: its manifest's total, else the sizes of its files."""
+    try:
+        manifest = read_manifest(folder)
+    except CheckpointError:
+        manifest = None
+    if manifest:
+        return sum(size for size, _ in manifest["files"].values())
+    return sum((Path(folder) / n).stat().st_size for n in _checkpoint_files(Path(folder)))
+
+
+def _space_problem(ckpt_dir: Path, tag: str) -> str | None:
+    """Rank 0: a message when the disk has less room than the last checkpoint took."""
+    tags = complete_tags(ckpt_dir)
+    if not tags:
+        return None
+    need, free = checkpoint_bytes(tags[-1]), shutil.disk_usage(ckpt_dir).free
+    if need <= free:
+        return None
+    return (f"{NO_SPACE} for checkpoint {tag}: the last one ({tags[-1].name}) took {need / 2**30:.2f} GiB but "
+            f"only {free / 2**30:.2f} GiB are free under {ckpt_dir}; free space, lower checkpoint.keep_last or "
+            f"move --output-dir, then continue with --resume ({tags[-1].name} stays latest)")
+
+
+def _stop_if_failed(errors: list, ckpt_dir: Path, tag: str, rank: int) -> None:
+    """After a gather of per-rank errors: on any, rank 0 removes the partial folders, every rank raises."""
+    errors = [(r, e) for r, e in enumerate(errors) if e]
+    if not errors:
+        return
+    if rank == 0:
+        shutil.rmtree(ckpt_dir / (tag + ".tmp"), ignore_errors=True)
+        if not (ckpt_dir / tag / "COMPLETE").is_file():
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    keep = latest_tag(ckpt_dir)
+    r, e = errors[0]
+    raise CheckpointError(f"saving checkpoint {tag} failed on rank {r}: {e}; removed the partial {tag}.tmp, "
+                          f"{'latest stays ' + keep if keep else 'no complete checkpoint exists yet'}")
+
+
+def _finish_on_rank0(ckpt_dir: Path, tag: str, hashes: dict, algo: str, extra: dict, keep_last: int) -> None:
+    """Manifest (last file, atomic), rename to the final tag, ``COMPLETE``, ``latest``, pruning."""
+    tmp, final = ckpt_dir / (tag + ".tmp"), ckpt_dir / tag
+    manifest = {"format": 1, "tag": tag, "hash": algo, **extra, "files": hashes}
+    _atomic_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _atomic_write(final / "COMPLETE", "ok\n")
+    _atomic_write(ckpt_dir / "latest", tag)
+    if keep_last > 0:
+        for old in complete_tags(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: ClientState | dict,
-                    keep_last: int = 0) -> Path:
+                    keep_last: int = 0, zero_stage: int | None = None) -> Path:
     """Collective: every rank must call it. Returns the final tag folder.
 
     ``client_state`` (a :class:`ClientState`, or any JSON-serialisable dict) is stored
     beside the DeepSpeed files and also passed to DeepSpeed's own ``client_state``.
+    ``zero_stage`` is recorded in the manifest, so a resume can refuse another stage before
+    loading anything.
+
+    Raises:
+        CheckpointError: on every rank, when the disk has less free space than the last
+            checkpoint took, or when any rank's write failed ("No space left on device" for
+            ENOSPC); the partial folder is removed and ``latest`` is unchanged.
     """
     if isinstance(client_state, ClientState):
         client_state = client_state.to_dict()
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for_step(step)
-    final = ckpt_dir / tag
-    rank, _ = world_info()
+    final, tmp = ckpt_dir / tag, ckpt_dir / (tag + ".tmp")
+    import torch
+
+    from antlm_dist.distributed import world_info
+
+    rank, world = world_info()
     if (final / "COMPLETE").is_file():
         return final  # this exact step is already saved and complete
-    tmp_tag = tag + ".tmp"
+    problem = None
     if rank == 0:
-        shutil.rmtree(ckpt_dir / tmp_tag, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={"antlm": client_state}, save_latest=False)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, ckpt_dir / tmp_tag / f"rng_rank{rank}.pt")
-    barrier()
+        problem = _space_problem(ckpt_dir, tag)
+    _stop_if_failed(_gather(problem), ckpt_dir, tag, rank)  # also the barrier before the first write
+    error = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state={"antlm": client_state}, save_latest=False)
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, tmp / f"rng_rank{rank}.pt")
+        if rank == 0:
+            (tmp / "client_state.json").write_text(json.dumps(client_state, indent=1))
+    except (OSError, RuntimeError) as exc:
+        error = _write_error(exc, tmp)
+    _stop_if_failed(_gather(error), ckpt_dir, tag, rank)
+    algo = _hash_name()
+    hashes = _hash_share(tmp, _checkpoint_files(tmp), algo)  # each rank hashes a share of the files
+    error = None
     if rank == 0:
-        (ckpt_dir / tmp_tag / "client_state.json").write_text(json.dumps(client_state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(ckpt_dir / tmp_tag, final)
-        _atomic_write(final / "COMPLETE", "ok\n")
-        _atomic_write(ckpt_dir / "latest", tag)
-        if keep_last > 0:
-            for old in _complete_tags(ckpt_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier()
+        try:
+            _finish_on_rank0(ckpt_dir, tag, hashes, algo, {"zero_stage": zero_stage, "world_size": world}, keep_last)
+        except OSError as exc:
+            error = _write_error(exc, tmp)
+    _stop_if_failed(_gather(error), ckpt_dir, tag, rank)
     return final
+
+
+def select_resume_tag(ckpt_dir: Path, requested: str | None = None) -> str:
+    """Collective: the checkpoint to resume from, verified against its manifest.
+
+    Without ``requested``: the newest complete tag that is intact; each damaged newer one
+    is logged with the damaged file, and the next older one is tried.
+
+    Args:
+        requested: an explicit tag (``step00000120``) or tag folder; it must be intact.
+
+    Raises:
+        CheckpointError: the requested tag is absent, incomplete or damaged; or no complete
+            checkpoint is intact (each problem listed, with the fix).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if requested:
+        tag = Path(requested).name
+        if not (ckpt_dir / tag / "COMPLETE").is_file():
+            have = ", ".join(p.name for p in complete_tags(ckpt_dir)) or "none"
+            raise CheckpointError(f"--resume {requested}: no complete checkpoint {tag} under {ckpt_dir} "
+                                  f"(complete: {have})")
+        problem = verify_checkpoint(ckpt_dir / tag)
+        if problem:
+            raise CheckpointError(f"--resume {requested}: checkpoint {tag} is damaged: {problem}")
+        return tag
+    if pointer_problem(ckpt_dir):
+        log.warning("%s", pointer_problem(ckpt_dir))
+    damaged = []
+    for folder in reversed(complete_tags(ckpt_dir)):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            if damaged:
+                log.warning("resuming from %s, the newest intact checkpoint", folder.name)
+            return folder.name
+        log.warning("checkpoint %s is damaged: %s; trying the next older one", folder.name, problem)
+        damaged.append(f"{folder.name}: {problem}")
+    if not damaged:
+        raise CheckpointError(f"--resume: {ckpt_dir} holds no complete checkpoint (the first save was interrupted?); "
+                              "start again without --resume, or with --overwrite")
+    raise CheckpointError(f"--resume: no intact checkpoint under {ckpt_dir} ({'; '.join(damaged)}); "
+                          "start again with --overwrite")
+
+
+def check_zero_stage(ckpt_dir: Path, tag: str, stage: int) -> None:
+    """Refuse, before any load, a checkpoint written under another ZeRO stage.
+
+    DeepSpeed's loaders assume the stage that wrote the files (a bare ``AssertionError``
+    from its state-dict factory otherwise). Its universal format does not bridge stages
+    either: a ZeRO-2 checkpoint converted with ``ds_to_universal`` and loaded under ZeRO-3
+    fails the same way in DeepSpeed 0.19.8 (it looks for ZeRO-3 model-state files the
+    conversion does not write). Checkpoints without a manifest record no stage and pass.
+
+    Raises:
+        CheckpointError: naming both stages and the fix.
+    """
+    manifest = read_manifest(Path(ckpt_dir) / tag)
+    saved = manifest.get("zero_stage") if manifest else None
+    if saved is not None and saved != stage:
+        raise CheckpointError(
+            f"checkpoint {tag} was written under ZeRO stage {saved} but this run uses ZeRO stage {stage}; a "
+            f"ZeRO stage cannot change across a resume: resume with distributed.deepspeed_config=zero{saved}.json "
+            f"(or a JSON with zero_optimization.stage={saved}), or export the weights (antlm-export) and start a new run"
+        )
 
 
 def read_client_state(ckpt_dir: Path, tag: str | None = None) -> tuple[str, ClientState]:
@@ -267,6 +573,8 @@ def universal_tag(ckpt_dir: Path, tag: str) -> str:
 
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / tag / UNIVERSAL_SUBDIR
+    from antlm_dist.distributed import barrier, world_info
+
     rank, _ = world_info()
     error = ""
     if rank == 0 and not (final / "COMPLETE").is_file():
@@ -299,6 +607,10 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: str, *, load_optimizer_states: 
                                      load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {Path(ckpt_dir) / tag}")
+    import torch
+
+    from antlm_dist.distributed import world_info
+
     rank, _ = world_info()
     rng_file = Path(ckpt_dir) / tag / f"rng_rank{rank}.pt"
     if rng_file.is_file():
@@ -325,6 +637,10 @@ def main(argv: list[str] | None = None) -> int:
     latest = sub.add_parser("latest", help="print the newest complete checkpoint; exit 1 when there is none")
     latest.add_argument("path", help="a run folder or its checkpoints/ folder")
     args = p.parse_args(argv)
+    folder = Path(args.path) / "checkpoints" if (Path(args.path) / "checkpoints").is_dir() else Path(args.path)
+    problem = pointer_problem(folder) if folder.is_dir() else None
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
     try:
         ref = resolve_checkpoint(args.path)
     except CheckpointError as exc:

@@ -28,6 +28,9 @@ def train_main(argv: list[str] | None = None) -> int:
     try:
         from antlm_dist.config import load_recipe
 
+        if args.nproc_per_node is not None and args.nproc_per_node < 1:
+            raise ValueError(f"--nproc-per-node {args.nproc_per_node}: give at least 1 local rank, or leave it out "
+                             "to use distributed.nproc_per_node")
         nproc = args.nproc_per_node or load_recipe(args.config, args.overrides).distributed.nproc_per_node
         if args.print_config:
             return _print_config(args, nproc)

@@ -6,6 +6,7 @@ Unknown keys and wrong types are errors that name the field and list what is all
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -434,6 +435,8 @@ def _choice(value: str, allowed: tuple[str, ...], where: str) -> None:
 def _positive(value: float | int | None, where: str, allow_zero: bool = False) -> None:
     if value is None:
         return
+    if not math.isfinite(value):  # nan passes every comparison below; inf overflows timers and schedules
+        raise ConfigError(f"{where}={value} must be a finite number {'>= 0' if allow_zero else '> 0'}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(f"{where}={value} must be {'>= 0' if allow_zero else '> 0'}")
 
@@ -485,6 +488,7 @@ def validate_recipe(r: Recipe) -> None:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} must be a multiple of model.num_attention_heads={m.num_attention_heads}"
         )
+    _positive(m.num_key_value_heads, "model.num_key_value_heads")  # None: as many as num_attention_heads
     kv = m.num_key_value_heads or m.num_attention_heads
     if m.num_attention_heads % kv:
         raise ConfigError(
@@ -531,6 +535,11 @@ def _validate_run_settings(r: Recipe) -> None:
     _positive(t.stop_at_step, "train.stop_at_step")
     _positive(t.log_every_steps, "train.log_every_steps")
     _positive(t.max_nonfinite_steps, "train.max_nonfinite_steps")
+    for name in ("adam_beta1", "adam_beta2"):  # Adam's moment decays (Kingma & Ba 2015, Alg. 1): [0, 1)
+        if not 0.0 <= getattr(t, name) < 1.0:
+            raise ConfigError(f"train.{name}={getattr(t, name)} must be in [0, 1), e.g. 0.9 for adam_beta1 "
+                              "and 0.95 for adam_beta2")
+    _positive(t.adam_eps, "train.adam_eps")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     _choice(t.precision, ("auto", "bf16", "fp16", "fp32"), "train.precision")

@@ -7,10 +7,14 @@ error naming both files.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import logging
 import math
 import os
+import sys
+import threading
 import time
 import warnings
 from importlib import resources
@@ -32,13 +36,15 @@ def dist_env() -> tuple[int, int, int]:
 def pick_device(local_rank: int) -> torch.device:
     """This rank's device: ``cuda:<local_rank>`` when CUDA is present, else the CPU.
 
-    On CPU it also tells DeepSpeed (before its first import) to use its CPU accelerator,
-    and silences the deprecation warning torch emits for DeepSpeed's all-gather call.
+    On CPU it also tells DeepSpeed (before its first import) to use its CPU accelerator and
+    where its prebuilt CPU op lives (:func:`torch_extensions_root`), and silences the
+    deprecation warning torch emits for DeepSpeed's all-gather call.
     """
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(torch_extensions_root())
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     return torch.device("cpu")
 
@@ -64,24 +70,73 @@ def check_build_locks(max_age_s: float = STALE_BUILD_LOCK_S) -> None:
     Raises:
         StaleBuildLockError: naming the lock file, its age and the command that removes it.
     """
-    from torch.utils.cpp_extension import get_default_build_root
-
-    # torch builds into $TORCH_EXTENSIONS_DIR/<op>, else <cache>/torch_extensions/py311_cpu/<op>
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    if not root.is_dir():
-        return
-    now = time.time()
-    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
-        try:
-            age = now - lock.stat().st_mtime
-        except FileNotFoundError:  # a build finished meanwhile
-            continue
+    for lock, age in _build_locks():
         if age > max_age_s:
             raise StaleBuildLockError(
                 f"{lock} is a torch-extension build lock left {age / 60:.0f} minutes ago, most likely by a "
                 f"process killed while building {lock.parent.name}; a new run would wait on it forever. "
                 f"If no build is running on this machine, remove it (rm {lock}) and start again."
             )
+
+
+def torch_extensions_root() -> Path:
+    """Where DeepSpeed's JIT-built ops live for a run: ``$TORCH_EXTENSIONS_DIR`` when set, else
+    ``<venv>/torch_extensions`` inside a venv (where ``launch/setup.sh`` prebuilt them, see
+    :mod:`antlm_dist.prebuild`), else torch's default ``~/.cache/torch_extensions/py311_cpu``."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    if sys.prefix != sys.base_prefix:  # a venv of its own: no rebuilds for other venvs' DeepSpeed sources
+        return Path(sys.prefix) / "torch_extensions"
+    return Path(get_default_build_root())
+
+
+def _build_locks() -> list[tuple[Path, float]]:
+    """(lock file, age in seconds) of every torch-extension build lock that exists now."""
+    root = torch_extensions_root()  # torch builds each op into <root>/<op>
+    if not root.is_dir():
+        return []
+    now, out = time.time(), []
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
+        try:
+            out.append((lock, now - lock.stat().st_mtime))
+        except FileNotFoundError:  # a build finished meanwhile
+            continue
+    return out
+
+
+BUILD_LOCK_REPORT_S = 3.0
+"""A build lock older than this (seconds) is reported while a rank starts DeepSpeed."""
+
+
+@contextlib.contextmanager
+def reporting_build_locks(interval_s: float = 1.0, report_after_s: float = BUILD_LOCK_REPORT_S):
+    """While the body runs, a thread reports every torch-extension build lock older than
+    ``report_after_s`` seconds (path, age, the op and the fix), again each minute it stays.
+
+    DeepSpeed's start-up builds or loads its CPU op under such a lock, and a rank that waits
+    on it shows nothing else; with this, a run never waits silently.
+    """
+    log = logging.getLogger("antlm_dist")
+    stop, reported = threading.Event(), {}
+
+    def watch():
+        while not stop.wait(interval_s):
+            for lock, age in _build_locks():
+                if age >= report_after_s and time.monotonic() - reported.get(lock, -1e9) >= 60:
+                    reported[lock] = time.monotonic()
+                    log.warning("waiting on %s, a torch-extension build lock %.0f s old: %s is being built, here or "
+                                "by another process; if no build runs on this machine, remove it (rm %s)",
+                                lock, age, lock.parent.name, lock)
+
+    thread = threading.Thread(target=watch, name="antlm-build-lock-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def init_distributed(recipe: Recipe, device: torch.device) -> None:
@@ -103,10 +158,11 @@ def init_distributed(recipe: Recipe, device: torch.device) -> None:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    deepspeed.init_distributed(
-        dist_backend=backend, verbose=False,
-        timeout=datetime.timedelta(minutes=recipe.distributed.timeout_minutes),
-    )
+    with reporting_build_locks():  # on CPU DeepSpeed loads (or builds) its shared-memory op here
+        deepspeed.init_distributed(
+            dist_backend=backend, verbose=False,
+            timeout=datetime.timedelta(minutes=recipe.distributed.timeout_minutes),
+        )
 
 
 def world_info() -> tuple[int, int]:
@@ -174,6 +230,7 @@ def build_ds_config(recipe: Recipe, world_size: int, device: torch.device, recip
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from exc
+    _check_zero_stage(cfg, path)
     t = recipe.train
     precision = resolve_precision(recipe, device)
     wanted = {
@@ -216,6 +273,22 @@ def build_ds_config(recipe: Recipe, world_size: int, device: torch.device, recip
             "(train.lr, train.warmup_steps, train.min_lr_ratio): remove that section"
         )
     return cfg
+
+
+def _check_zero_stage(cfg: dict, path: Path) -> None:
+    """ZeRO (Rajbhandari et al. 2020) has stages 0-3; DeepSpeed itself fails on another value
+    only after the model is built, with a traceback.
+
+    Raises:
+        ConfigError: naming the JSON file, the value and the allowed stages.
+    """
+    section = cfg.get("zero_optimization", {})
+    stage = section.get("stage", 0) if isinstance(section, dict) else section
+    if not isinstance(section, dict) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(
+            f"{path} sets zero_optimization.stage={stage!r}; ZeRO stages are 0, 1, 2 and 3: set one of them "
+            "in that file, or name a shipped config with distributed.deepspeed_config=zero2.json"
+        )
 
 
 def zero_stage(ds_config: dict) -> int:

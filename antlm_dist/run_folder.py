@@ -16,7 +16,8 @@ Layout::
     <run>/run.lock        flock held by the running launch (antlm_dist.run_lock)
 
 A folder that holds a run (any of :data:`RUN_MARKERS`) is only reused with ``--resume``
-(continue it) or ``--overwrite`` (replace it).
+(continue it) or ``--overwrite`` (replace it); except a run stopped during its first
+checkpoint save, which has nothing complete to lose, so a plain restart replaces it.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import json
 import shutil
 from pathlib import Path
 
+from antlm_dist.checkpoint import complete_tags, remove_stale_partials
 from antlm_dist.config import ConfigError
 
 RUN_MARKERS = ("run.json", "metrics.jsonl", "checkpoints")
@@ -68,26 +70,43 @@ class RunFolder:
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--output-dir {out} is a file; give a folder")
         holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
-        if holds_run and not (resume or overwrite):
+        if holds_run and not (resume or overwrite) and not self.stopped_before_first_checkpoint():
             raise ConfigError(
                 f"--output-dir {out} already holds a run; pass --resume to continue it, --overwrite to "
                 "replace it, or choose another folder"
             )
         if resume and not self.checkpoints.is_dir():
             raise ConfigError(f"--resume: {self.checkpoints} does not exist; start without --resume")
+        if resume and not complete_tags(self.checkpoints):
+            raise ConfigError(
+                f"--resume: {self.checkpoints} holds no complete checkpoint (the first save was interrupted); "
+                "start again without --resume (nothing complete is lost), or with --overwrite"
+            )
+
+    def stopped_before_first_checkpoint(self) -> bool:
+        """The run in this folder began a checkpoint save but completed none, and did not finish."""
+        return (self.checkpoints.is_dir() and not complete_tags(self.checkpoints)
+                and not (self.path / "summary.json").exists())
 
     def prepare(self, overwrite: bool) -> None:
-        """Collective: with ``overwrite`` delete the previous run's files, create the folder and
-        drop a stale preemption marker (rank 0), then wait for every rank."""
+        """Collective: with ``overwrite`` (or after a run stopped during its first save) delete the
+        previous run's files, create the folder, drop a stale preemption marker and the partial
+        folders of interrupted saves (rank 0), then wait for every rank."""
         from antlm_dist.distributed import barrier  # imported here: the launcher's checks need no torch
 
+        replaced = _OVERWRITTEN
+        if self.rank == 0 and self.path.exists() and not overwrite and self.stopped_before_first_checkpoint():
+            # nothing complete to keep: start afresh instead of mixing two runs' metrics; keep logs/,
+            # where a requeued SLURM job is writing already
+            overwrite, replaced = True, tuple(m for m in _OVERWRITTEN if m != "logs")
         if self.rank == 0 and overwrite and self.path.exists():
-            for m in _OVERWRITTEN:
+            for m in replaced:
                 target = self.path / m
                 shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
         if self.rank == 0:
             self.path.mkdir(parents=True, exist_ok=True)
             (self.path / PREEMPTED_MARKER).unlink(missing_ok=True)
+            remove_stale_partials(self.checkpoints)  # folders of saves a kill interrupted
         barrier()
 
     def write_start(self, recipe_yaml: str, run_info: dict) -> None:

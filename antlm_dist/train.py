@@ -15,6 +15,7 @@ import sys
 # Only light modules at import time: ``antlm-train --help`` and recipe errors must not wait
 # for torch, DeepSpeed or transformers (seconds each); the functions below import them.
 from antlm_dist.config import ConfigError, load_recipe
+from antlm_dist.data.block_count import check_training_blocks
 from antlm_dist.data.corpus import find_corpus
 
 log = logging.getLogger("antlm_dist")
@@ -36,7 +37,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="demo-cpu", help="recipe YAML path or shipped recipe name (default: demo-cpu)")
     p.add_argument("--output-dir", default=None,
                    help="run folder: tokenizer, metrics.jsonl, checkpoints/ (required unless --print-config)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in --output-dir")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="TAG",
+                   help="continue from the newest intact checkpoint in --output-dir, or from TAG (e.g. step00000120)")
     p.add_argument("--overwrite", action="store_true", help="delete a previous run in --output-dir first")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="local ranks to start when run without a launcher (default: distributed.nproc_per_node)")
@@ -50,11 +52,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line of ``antlm-train``; exits 2 (argparse) when ``--output-dir`` is missing
-    without ``--print-config``."""
+    without ``--print-config``. ``--resume`` takes an optional TAG; an override right after it
+    (``--resume train.lr=1e-3``) stays an override, as it was before TAG existed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, token in enumerate(argv[:-1]):
+        if token == "--resume" and "=" in argv[i + 1]:
+            argv[i] = "--resume="  # an empty TAG: resume from the newest intact checkpoint
     p = build_arg_parser()
     args = p.parse_intermixed_args(argv)
+    if args.resume == "":
+        args.resume = True
     if args.output_dir is None and not args.print_config:
         p.error("the following arguments are required: --output-dir")
     return args
@@ -76,7 +85,8 @@ def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = Tru
     compiler, the kernel backends and head dims for this machine,
     that no abandoned torch-extension build lock would hang the start, and a given
     ``tokenizer.path`` against ``model.vocab_size``, and that the packages of the trackers the
-    recipe turns on are installed. The checks that need no torch come first, so a recipe error appears in about a second.
+    recipe turns on are installed, and (with ``read_corpus``) that the corpus gives at
+    least one global batch of blocks (:mod:`antlm_dist.data.block_count`). The checks that need no torch come first, so a recipe error appears in about a second.
 
     Returns:
         (recipe, corpus files).
@@ -107,6 +117,8 @@ def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = Tru
 
         check_vocab_matches(load_tokenizer(recipe.tokenizer.path, recipe.tokenizer.kind), recipe.model.vocab_size,
                             f"tokenizer.path={recipe.tokenizer.path}")
+    if read_corpus:  # needs the files read; a tiny corpus is tokenised in memory, nothing written
+        check_training_blocks(recipe, corpus.train, world_size)
     return recipe, corpus
 
 

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from antlm_dist import __version__
-from antlm_dist.checkpoint import (TAG_PREFIX, CheckpointError, ClientState, check_resume, latest_tag, load_checkpoint,
-                                   optimizer_partitions, read_client_state, save_checkpoint, universal_tag)
+from antlm_dist.checkpoint import (TAG_PREFIX, CheckpointError, ClientState, check_resume, check_zero_stage, latest_tag,
+                                   load_checkpoint, optimizer_partitions, read_client_state, save_checkpoint,
+                                   select_resume_tag, universal_tag)
 from antlm_dist.config import ConfigError, Recipe, dump_recipe
 from antlm_dist.data.blocks import load_blocks
 from antlm_dist.data.corpus import CorpusFiles
@@ -155,7 +156,8 @@ class Trainer:
         run: the run folder (already checked by preflight).
         corpus: the corpus files (already validated by preflight).
         device: this rank's device.
-        resume: continue from the latest complete checkpoint in ``run``.
+        resume: continue from the newest intact checkpoint in ``run`` (True), or from the
+            tag given (a string).
         overwrite: replace a previous run in ``run``.
         recipe_source: how the recipe was given, for error messages.
 
@@ -166,7 +168,7 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe, run: RunFolder, corpus: CorpusFiles, device: torch.device, *,
-                 resume: bool = False, overwrite: bool = False, recipe_source: str = "the recipe"):
+                 resume: bool | str = False, overwrite: bool = False, recipe_source: str = "the recipe"):
         self.recipe, self.run, self.device, self.resume = recipe, run, device, resume
         self.rank, self.world = world_info()
         self.phases = parse_schedule(recipe.objective.schedule)
@@ -287,12 +289,12 @@ class Trainer:
                            words_seen=self.words_seen)
 
     def _read_resume_point(self, json_config: dict) -> tuple[str, ClientState]:
-        """The latest complete tag and its state, checked against this run; switches the
-        DeepSpeed config to the universal loader when the world size differs, and back to
-        the JSON's ZeRO stage (``json_config``) when the checkpoint holds ZeRO partitions."""
-        tag = latest_tag(self.run.checkpoints)
-        if tag is None:
-            raise CheckpointError(f"--resume: no complete checkpoint under {self.run.checkpoints}")
+        """The newest intact tag (or the one given to --resume) and its state, checked against
+        this run; switches the DeepSpeed config to the universal loader when the world size
+        differs, and back to the JSON's ZeRO stage (``json_config``) when the checkpoint holds
+        ZeRO partitions."""
+        # verified against its manifest; a damaged newest one falls back to the newest intact one
+        tag = select_resume_tag(self.run.checkpoints, self.resume if isinstance(self.resume, str) else None)
         _, state = read_client_state(self.run.checkpoints, tag)
         t = self.recipe.train
         other_world = check_resume(state, tag, global_batch=self.sampler.global_batch,
@@ -303,6 +305,7 @@ class Trainer:
         if self.zero_note and partitions == "zero":  # ZeRO partitions load into a ZeRO engine only
             self.ds_config = json_config
             self.zero_note = f"one rank: keeping the JSON's ZeRO stage {zero_stage(json_config)} to load {tag}"
+        check_zero_stage(self.run.checkpoints, tag, zero_stage(self.ds_config))  # before DeepSpeed loads anything
         if other_world and partitions is None:
             raise CheckpointError(
                 f"checkpoint {tag} was written under ZeRO stage 0 by {state.world_size} rank(s) and cannot be "
@@ -335,7 +338,8 @@ class Trainer:
         unannounced)."""
         keep_last = self.recipe.checkpoint.keep_last
         before = {p for p in self.run.checkpoints.glob(TAG_PREFIX + "*") if p.is_dir()}
-        path = save_checkpoint(self.engine, self.run.checkpoints, step, self.client_state(step), keep_last)
+        path = save_checkpoint(self.engine, self.run.checkpoints, step, self.client_state(step), keep_last,
+                               zero_stage=zero_stage(self.ds_config))
         self.metrics.write("checkpoint", step=step, path=str(path), words_seen=self.words_seen)
         for gone in sorted(p for p in before if not p.exists()):
             self.metrics.write("checkpoint_deleted", step=step, path=str(gone),
@@ -350,7 +354,7 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.n_steps, "tokenizer_hash": self.tok_hash,
             "global_batch": self.sampler.global_batch, "tokens_per_step": self.tokens_per_step,
         })
-        self.metrics.write("start", step=self.start_step, resumed=self.resume, world_size=self.world,
+        self.metrics.write("start", step=self.start_step, resumed=bool(self.resume), world_size=self.world,
                            total_steps=self.n_steps)
 
     # ---- the loop

@@ -173,3 +173,87 @@ def test_backend_resolver_choices_on_cpu(monkeypatch):
         resolve_backends("triton", "torch", cpu, head_dim=32, triton_attention=False, arch="ltg_bert")
     with pytest.raises(BackendError, match="model.loss='cuda' is not known"):
         resolve_backends("auto", "cuda", cpu, head_dim=32)
+
+
+# ----------------------------------------------------------------------------- refused at preflight, item 7 of issue 16
+
+def _words_corpus(root, n_lines):
+    """A corpus folder whose train file holds ``n_lines`` different lines of plain English."""
+    words = "the cat sat on a mat while it rained over old hills and quiet rivers".split()
+    lines = [" ".join(words[(i + j) % len(words)] for j in range(8)) for i in range(n_lines)]
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "a.train").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def test_corpus_shorter_than_one_block(tmp_path, capsys, tiny_args):
+    (tmp_path / "c" / "train").mkdir(parents=True)
+    (tmp_path / "c" / "train" / "a.train").write_text("hello world\n")
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, f"data.corpus={tmp_path}/c"],
+           "data.corpus", "shorter than one block of data.seq_len=32 tokens", "lower data.seq_len")
+    assert not (tmp_path / "o").exists()
+
+
+def test_training_set_smaller_than_one_global_batch(tmp_path, capsys, tiny_args, tiny_tokenizer):
+    from antlm_dist.data.tokenizer import load_tokenizer
+
+    lines = _words_corpus(tmp_path / "c", 25)
+    # independent count: the tokenizer on every line plus </s>, cut into 32-token blocks
+    tok = load_tokenizer(tiny_tokenizer)
+    expected = sum(len(ids) + 1 for ids in tok(lines, add_special_tokens=False)["input_ids"]) // 32
+    assert 0 < expected < 16
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, f"data.corpus={tmp_path}/c"],
+           f"gives exactly {expected} training blocks", "one global batch of 16 sequences",
+           "train.micro_batch_size 4", "world size 2")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("override,needles", [
+    ("train.lr=nan", ("train.lr=nan", "finite")),
+    ("distributed.timeout_minutes=nan", ("distributed.timeout_minutes=nan", "finite")),
+    ("model.num_key_value_heads=-1", ("model.num_key_value_heads=-1", "> 0")),
+    ("train.adam_beta1=1.5", ("train.adam_beta1=1.5", "[0, 1)", "0.9")),
+])
+def test_out_of_range_numbers(tmp_path, capsys, tiny_args, override, needles):
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, override], *needles)
+    assert not (tmp_path / "o").exists()
+
+
+def test_zero_stage_that_does_not_exist(tmp_path, capsys, tiny_args):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 7}}))
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), *tiny_args, f"distributed.deepspeed_config={cfg}"],
+           str(cfg), "zero_optimization.stage=7", "0, 1, 2 and 3")
+    assert not (tmp_path / "o").exists()
+
+
+def test_zero_local_ranks(tmp_path, capsys, tiny_args):
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), "--nproc-per-node", "0", *tiny_args],
+           "--nproc-per-node 0", "at least 1")
+    assert not (tmp_path / "o").exists()
+
+
+def test_block_count_matches_the_packing_and_the_bound_holds(tmp_path, tiny_tokenizer):
+    """The preflight's exact count equals the number of blocks the datasets packing builds,
+    and the byte bound is never below it."""
+    from antlm_dist.data.block_count import block_upper_bound, exact_block_count
+    from antlm_dist.data.dataset import blocks_array, build_packed_dataset
+    from antlm_dist.data.tokenizer import load_tokenizer
+
+    _words_corpus(tmp_path / "c", 300)
+    (tmp_path / "c" / "train" / "b.train").write_text("caf\u00e9 \ufb01ne\n\n  \nna\u00efve r\u00e9sum\u00e9\n" * 30)
+    files = sorted((tmp_path / "c" / "train").glob("*.train"))
+    tok = load_tokenizer(tiny_tokenizer)
+    backend = tok.backend_tokenizer
+    count = exact_block_count(files, 32, lambda ls: [e.ids for e in backend.encode_batch(ls, add_special_tokens=False)])
+    packed = blocks_array(build_packed_dataset(files, tok, 32, tmp_path / "hf", num_proc=1))
+    assert count == packed.shape[0] > 0
+    assert block_upper_bound(files, 32) >= count
+
+
+def test_contradicting_run_folder_options(tmp_path, capsys, tiny_args):
+    _fails(capsys, ["--output-dir", str(tmp_path / "o"), "--resume", "--overwrite", *tiny_args],
+           "--resume and --overwrite contradict each other")
+    (tmp_path / "f").write_text("")
+    _fails(capsys, ["--output-dir", str(tmp_path / "f"), *tiny_args], "is a file; give a folder")
+    assert not (tmp_path / "o").exists() and (tmp_path / "f").read_text() == ""
