@@ -2,8 +2,8 @@
 
 Two ways to count, chosen for cost:
 
-- **An upper bound from the bytes.** After NFKC normalisation a byte-level BPE token covers at
-  least one byte and a WordPiece token at least one character (``[UNK]`` a whole word), and
+- **An upper bound from the bytes.** A byte-level BPE token covers at least one byte of the
+  line (of its NFKC form under ``tokenizer.normalization=nfkc``; the bound takes the longer) and a WordPiece token at least one character (``[UNK]`` a whole word), and
   each line adds at most two tokens (the prefix space of the byte-level pre-tokenizer and the
   ``</s>`` that :mod:`antlm_dist.data.dataset` appends). So a line of b bytes gives at most
   b + 2 tokens, and the corpus at most ``floor(Σ(b + 2) / seq_len)`` blocks. When even that is
@@ -42,8 +42,10 @@ def block_upper_bound(files, seq_len: int) -> int:
     """At most this many ``seq_len``-token blocks come out of ``files`` (see the module notes)."""
     tokens = 0
     for line in _lines(files):
-        text = line if line.isascii() else unicodedata.normalize("NFKC", line)  # ASCII is NFKC already
-        tokens += len(text.encode("utf-8")) + 2
+        size = len(line.encode("utf-8"))
+        if not line.isascii():  # NFKC (tokenizer.normalization=nfkc) can lengthen a line; ASCII is NFKC already
+            size = max(size, len(unicodedata.normalize("NFKC", line).encode("utf-8")))
+        tokens += size + 2
     return tokens // seq_len
 
 
