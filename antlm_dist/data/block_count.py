@@ -3,8 +3,8 @@
 Two ways to count, chosen for cost:
 
 - **An upper bound from the bytes.** A byte-level BPE token covers at least one byte of the
-  line (of its NFKC form under ``tokenizer.normalization=nfkc``; the bound takes the longer) and a WordPiece token at least one character (``[UNK]`` a whole word), and
-  each line adds at most two tokens (the prefix space of the byte-level pre-tokenizer and the
+  line (of its NFKC form under ``tokenizer.normalization=nfkc``; the bound takes the longer)
+  and a WordPiece token at least one character (``[UNK]`` a whole word), and each line adds at most two tokens (the prefix space of the byte-level pre-tokenizer and the
   ``</s>`` that :mod:`antlm_dist.data.dataset` appends). So a line of b bytes gives at most
   b + 2 tokens, and the corpus at most ``floor(Σ(b + 2) / seq_len)`` blocks. When even that is
   too few, the corpus is refused at once.
