@@ -143,7 +143,9 @@ class PreemptionFlag:
 
     def _handler(self, signum, frame):
         self.requested = True
-        log.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
+        # Only a vote here: torchrun also sends SIGTERM to the survivors when another rank dies,
+        # and then no checkpoint can follow. The checkpoint is announced once every rank has voted.
+        log.warning("received %s: asking every rank to stop at the end of this step", signal.Signals(signum).name)
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -511,6 +513,8 @@ class Trainer:
         c = self.recipe.checkpoint
         if (step == self.n_steps or stopping or (self._phase_end(step, phase) and c.at_phase_switch)
                 or (c.every_steps and step % c.every_steps == 0)):
+            if stopping and self.rank == 0:  # every rank voted at the end of this step
+                log.warning("every rank stops after step %d: checkpointing it first", step)
             self.save(step)
 
     def maybe_export_milestones(self, step: int, words_before: int) -> None:

@@ -221,6 +221,26 @@ def test_stopped_rank_makes_every_other_rank_exit_naming_it(tmp_path, tiny_args)
     assert "[rank0]" in err or "rank 0" in err
 
 
+def test_killed_rank_makes_its_peer_name_it_and_promise_no_checkpoint(tmp_path, tiny_args):
+    """A rank killed by SIGKILL: torchrun sends SIGTERM to the survivor, which must not claim
+    a checkpoint it cannot write; it exits non-zero naming the lost rank, and no checkpoint or
+    preemption marker appears after the kill."""
+    out = tmp_path / "run"
+    _warm_data_cache(tiny_args, tmp_path / "warm")
+    proc = _start_cli(["--output-dir", str(out), *tiny_args, STEP_DELAY])
+    _wait_for_step(proc, out, 2)
+    ranks = _rank_processes(out)
+    assert sorted(ranks) == [0, 1]
+    saved_before = latest_tag(out / "checkpoints")
+    ranks[1].kill()  # SIGKILL
+    code, err = _finish(proc)
+    assert code not in (0, PREEMPT_EXIT_CODE), err[-3000:]
+    assert "checkpointing" not in err, err[-3000:]  # neither the old signal line nor the vote's announcement
+    assert "lost rank 1" in err or "rank 1 on" in err, err[-3000:]
+    assert latest_tag(out / "checkpoints") == saved_before
+    assert not (out / PREEMPTED_MARKER).exists()
+
+
 def test_diverged_run_stops_and_keeps_the_last_finite_checkpoint(tmp_path, tiny_args):
     """Acceptance: train.lr=1e3 train.warmup_steps=0 exits non-zero within
     max_nonfinite_steps + 1 steps of the last finite step; `latest` is that step's
