@@ -326,6 +326,7 @@ def test_checkpoints_removed_by_keep_last_are_recorded(tmp_path):
     trainer.run, trainer.engine = RunFolder(tmp_path), Engine()
     trainer.metrics = MetricsWriter(tmp_path / "metrics.jsonl", enabled=True)
     trainer.client_state = lambda step: {"step": step}
+    trainer.ds_config, trainer.words_seen = {"zero_optimization": {"stage": 0}}, 0
     for step in (4, 8, 12, 16):
         trainer.save(step)
     trainer.metrics.close()
