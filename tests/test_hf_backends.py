@@ -247,7 +247,9 @@ BLIMP_LINES = [  # six pairs of BLiMP (Warstadt et al. 2020), three paradigms
     ("Most legislatures haven't disliked children.", "Most legislatures hasn't disliked children.",
      "regular_plural_subject_verb_agreement_1"),
 ]
-# The shape of lm-eval's own BLiMP task (lm_eval/tasks/blimp), on a local JSON-lines file.
+# The shape of lm-eval's own BLiMP task (lm_eval/tasks/blimp), on a local JSON-lines file, with no
+# delimiter before the sentence: antlm-eval scores the sentence as written, and the test tokenizer
+# (tokenizer.add_prefix_space=false, the default) would read a leading space as a token of its own.
 LM_EVAL_TASK = """task: antlm_minimal_pairs
 dataset_path: json
 dataset_kwargs:
@@ -258,6 +260,7 @@ validation_split: train
 doc_to_text: ""
 doc_to_target: 0
 doc_to_choice: "{{{{[sentence_good, sentence_bad]}}}}"
+target_delimiter: ""
 num_fewshot: 0
 metric_list:
   - metric: acc
