@@ -309,7 +309,9 @@ def test_export_loads_offline_through_the_auto_classes(wordpiece_tokenizer, tmp_
     out = write_hf_folder(tmp_path / "hf", recipe, model.state_dict(), wordpiece_tokenizer.parent, {"step": 0})
     ids = torch.randint(5, 512, (2, 21))
     registered = AutoModelForMaskedLM.from_pretrained(str(out)).eval()  # classes registered on import
-    assert type(registered) is LtgBertHFForMaskedLM
+    # our class, or the folder's copy of it when an earlier test in this process loaded a folder
+    # with trust_remote_code (transformers then maps the model type to the remote class)
+    assert type(registered).__name__ == LtgBertHFForMaskedLM.__name__
     with torch.no_grad():
         ref = {"bi": model(ids, causal=False), "ca": model(ids, causal=True)}
         assert (registered(ids).logits - ref["bi"]).abs().max().item() < 1e-5
