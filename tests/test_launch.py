@@ -3,7 +3,6 @@ world size (2 → 1 → 2 ranks under ZeRO-2 and ZeRO-3), and naming a lost rank
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from antlm_dist.faults import comm_failure_message, format_rank_table, is_comm_failure, lost_ranks
-from antlm_testutil import REPO, assert_ok, train_losses
+from antlm_testutil import REPO, assert_ok, free_port, train_losses
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -22,12 +21,6 @@ def _env(**extra: str) -> dict:
                 "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"})
     env.update(extra)
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_hostfile_helper_writes_slots_per_host(tmp_path):
@@ -50,7 +43,7 @@ def test_deepspeed_hostfile_two_local_slots_trains(tmp_path, tiny_args):
                              env=_env(ANTLM_SLOTS="2"), capture_output=True, text=True))
     out = tmp_path / "run"
     cmd = [str(VENV_BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(VENV_BIN / "antlm-train"), "--output-dir", str(out), *tiny_args,
+           "--master_port", str(free_port()), str(VENV_BIN / "antlm-train"), "--output-dir", str(out), *tiny_args,
            "objective.schedule=1_CLM+1_MLM"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert_ok(proc)

@@ -4,7 +4,6 @@ word budget in 2-rank CPU runs, and the count across a resume at another world s
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from antlm_dist.data.sampler import DistributedResumableSampler
 from antlm_dist.data.tokenizer import load_tokenizer, tokenizer_hash
 from antlm_dist.metrics import read_metrics
 from antlm_dist.words import BABYLM_2025_MILESTONES, Milestones, WordCounter, milestone_name, parse_word_count
-from antlm_testutil import assert_ok, run_cli, tiny_args_for
+from antlm_testutil import assert_ok, free_port, run_cli, tiny_args_for
 
 LINES = [
     "The cat sat on the mat.",
@@ -194,12 +193,6 @@ def _words_seen(run: Path) -> dict[int, int]:
     return {r["step"]: r["words_seen"] for r in read_metrics(run / "metrics.jsonl", "train")}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _hf_state(folder: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -279,7 +272,7 @@ def test_words_seen_survives_a_resume_at_another_world_size_under_zero3(budget_r
             "distributed.deepspeed_config=zero3.json"]
     assert_ok(run_cli(base + ["train.stop_at_step=3"]))
     one = run_cli(base + ["--resume", "--nproc-per-node", "1", "train.gradient_accumulation_steps=4"],
-                  env={"MASTER_PORT": str(_free_port())})  # one rank starts no launcher: not the shared default port
+                  env={"MASTER_PORT": str(free_port())})  # one rank starts no launcher: not the shared default port
     assert_ok(one)
     assert "written by 2 ranks, this run has 1" in one.stderr
     assert _words_seen(out) == _words_seen(ref)
