@@ -152,6 +152,13 @@ class TrainConfig:
     """AdamW β2."""
     adam_eps: float = 1e-8
     """AdamW ε."""
+    optim: str = "adamw_torch_fused"
+    """The AdamW implementation, named as Hugging Face's ``TrainingArguments.optim``:
+    ``adamw_torch_fused`` (torch's one-kernel AdamW, ``fused=True``; the Trainer's default
+    since torch 2.8) or ``adamw_torch`` (torch's default loop, ``foreach`` on CUDA). Same
+    update rule; the results differ in the last bits. A resumed run keeps the implementation
+    its checkpoint was written with (torch's ``load_state_dict`` restores the group options).
+    Ignored when the DeepSpeed JSON has its own ``optimizer`` section."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
     precision: str = "auto"
@@ -543,6 +550,7 @@ def _validate_run_settings(r: Recipe) -> None:
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     _choice(t.precision, ("auto", "bf16", "fp16", "fp32"), "train.precision")
+    _choice(t.optim, ("adamw_torch_fused", "adamw_torch"), "train.optim")
     _choice(r.distributed.backend, ("auto", "nccl", "gloo"), "distributed.backend")
     _positive(r.distributed.nproc_per_node, "distributed.nproc_per_node")
     _positive(r.distributed.timeout_minutes, "distributed.timeout_minutes")

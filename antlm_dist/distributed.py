@@ -45,8 +45,30 @@ def pick_device(local_rank: int) -> torch.device:
         return torch.device("cuda", local_rank)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ["TORCH_EXTENSIONS_DIR"] = str(torch_extensions_root())
+    prefer_interpreter_ninja()
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     return torch.device("cpu")
+
+
+def prefer_interpreter_ninja() -> Path | None:
+    """Put the interpreter's own ``bin`` folder first on ``PATH`` when it holds ``ninja``.
+
+    Why: torch builds DeepSpeed's CPU op with whichever ``ninja`` comes first on ``PATH``,
+    and two ninja versions write incompatible ``.ninja_log`` formats (v5 for Debian's 1.11,
+    v7 for pip's 1.13), each discarding the other's log and rebuilding everything. Without
+    this, ``launch/setup.sh`` (the venv's python, venv not activated: the system's ninja)
+    prebuilds the op and the first run in an activated venv (pip's ninja) builds it again.
+
+    Returns:
+        The ``ninja`` now found first, or ``None`` when the interpreter's folder has none
+        (``PATH`` is then left as it was).
+    """
+    own = Path(sys.executable).parent / "ninja"
+    if not (own.is_file() and os.access(own, os.X_OK)):
+        return None
+    parts = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != own.parent]
+    os.environ["PATH"] = os.pathsep.join([str(own.parent), *parts])
+    return own
 
 
 STALE_BUILD_LOCK_S = 600.0
@@ -320,8 +342,17 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_lr_ratio: float):
     return fn
 
 
+def build_adamw(params, t) -> torch.optim.AdamW:
+    """torch AdamW (Loshchilov & Hutter 2019) with the recipe's ``train`` hyper-parameters;
+    ``fused=True`` when ``train.optim`` is ``adamw_torch_fused``. The fused kernel updates
+    every tensor of a group in one pass instead of ~10 elementwise passes per parameter:
+    on CPU at BabyLlama-58M, 0.07 s instead of 0.31 s per step (one thread)."""
+    return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                             fused=True if t.optim == "adamw_torch_fused" else None)
+
+
 def build_engine(model: torch.nn.Module, recipe: Recipe, ds_config: dict, total_steps: int):
-    """``deepspeed.initialize`` with torch AdamW (no op compile) and a cosine LambdaLR.
+    """``deepspeed.initialize`` with torch AdamW (:func:`build_adamw`, no op compile) and a cosine LambdaLR.
 
     When the JSON has its own ``optimizer`` section, DeepSpeed builds that optimizer and
     only the LR schedule comes from here.
@@ -334,10 +365,7 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, ds_config: dict, total_
     t = recipe.train
     optimizer = None
     if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(
-            param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-            eps=t.adam_eps,
-        )
+        optimizer = build_adamw(param_groups(model, t.weight_decay), t)
     fn = lr_lambda(total_steps, t.warmup_steps, t.min_lr_ratio)
 
     def scheduler(opt):
@@ -348,4 +376,23 @@ def build_engine(model: torch.nn.Module, recipe: Recipe, ds_config: dict, total_
         model_parameters=None if optimizer is not None else param_groups(model, t.weight_decay),
         lr_scheduler=scheduler, config=ds_config,
     )
+    skip_single_rank_allreduce(engine)
     return engine
+
+
+def skip_single_rank_allreduce(engine) -> bool:
+    """Turn off the engine's gradient all-reduce when it has nothing to reduce.
+
+    Why: under ZeRO-0 DeepSpeed all-reduces gradients through ``buffered_allreduce_fallback``,
+    which copies every gradient into flat buckets (``torch.cat``) and back, even with one
+    rank; at BabyLlama-58M on CPU that is ~0.15 s of a ~3.5 s step. With one rank the
+    all-reduce (an average over one rank) is the identity, so the gradients are bit-identical
+    without it. ZeRO 1–3 reduce inside their own optimizer and are left as they are.
+
+    Returns:
+        True when the all-reduce was turned off (ZeRO-0 on a world of one rank).
+    """
+    if engine.zero_optimization_stage() != 0 or engine.world_size != 1:
+        return False
+    engine.enable_backward_allreduce = False
+    return True

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
 
     from antlm_dist.bench.report import write_json, write_markdown, write_plot
     from antlm_dist.config import load_recipe
-    from antlm_dist.distributed import resolve_precision
+    from antlm_dist.distributed import pick_device, resolve_precision
     from antlm_dist.telemetry.flops import mfu, peak_flops_per_device
 
     _check_args(args)
@@ -118,7 +118,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     configs = args.config or ["demo-cpu"]
     recipes = [(c, load_recipe(c, args.overrides)) for c in configs]
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    # as a rank does: on CPU, DeepSpeed's CPU accelerator and the op that launch/setup.sh prebuilt
+    device = pick_device(torch.cuda.current_device() if torch.cuda.is_available() else 0)
     matrix = _matrix(args, recipes[0][1], device)
     _init_single_process(recipes[0][1], device)
     precision = resolve_precision(recipes[0][1], device)

@@ -209,7 +209,7 @@ class BaselineRunner:
                  compiled: bool = False):
         import transformers
 
-        from antlm_dist.distributed import param_groups
+        from antlm_dist.distributed import build_adamw, param_groups
 
         m, t = recipe.model, recipe.train
         hf_cfg = transformers.LlamaConfig(
@@ -231,8 +231,7 @@ class BaselineRunner:
         if compiled:
             self.model.compile()  # the whole HF model, in place; graphs build in the warm-up
         self.device, self.vocab_size, self.grad_clip = device, m.vocab_size, t.grad_clip
-        self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr,
-                                           betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+        self.optimizer = build_adamw(param_groups(model, t.weight_decay), t)  # the same train.optim as ours
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else
                          torch.autocast(device.type, dtype=torch.float16) if precision == "fp16" else
                          contextlib.nullcontext())
