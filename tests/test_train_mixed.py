@@ -54,3 +54,23 @@ def test_mixed_run_stopped_mid_phase_resumes_with_equal_losses(mixed_run, tmp_pa
         for key in ("phase", "clm_targets", "mntp_targets"):  # the same assignment and the same masks
             assert got[step].get(key) == ref[step].get(key), (step, key)
         assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-6, abs=0), step
+
+
+def test_heldout_cli_reproduces_the_final_eval_with_mntp(mixed_run, tmp_path, capsys):
+    """``antlm-eval heldout`` on the export of a run that trained MNTP gives the trainer's
+    final CLM, MLM and MNTP losses (the same weights, blocks and masks)."""
+    import json
+
+    from antlm_dist.eval import cli as eval_cli
+    from antlm_dist.export import export_checkpoint
+
+    last = read_metrics(mixed_run / "metrics.jsonl", "eval")[-1]
+    folder = export_checkpoint(mixed_run, tmp_path / "export")
+    out = tmp_path / "heldout.json"
+    assert eval_cli.main(["heldout", "--model", str(folder), "--corpus", "bundled", "--batch-size", "5",
+                          "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in ("clm", "mlm", "mntp"):
+        assert res[key]["loss"] == pytest.approx(last[f"{key}_loss"], rel=1e-5), key
+    assert res["mntp"]["accuracy"] == pytest.approx(last["mntp_accuracy"], abs=1e-9)
+    assert "| MNTP loss" in capsys.readouterr().out

@@ -112,7 +112,8 @@ def run_blimp(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- heldout
 
 def run_heldout(args: argparse.Namespace) -> dict:
-    """CLM perplexity and MLM loss/accuracy on the corpus's ``.dev`` blocks (trainer's code)."""
+    """CLM perplexity and MLM loss/accuracy (and MNTP's when the run's schedule trained it) on the
+    corpus's ``.dev`` blocks, with the trainer's code."""
     from antlm_dist.config import Recipe, recipe_from_dict
     from antlm_dist.data.corpus import CorpusError, find_corpus
     from antlm_dist.data.tokenizer import tokenizer_hash
@@ -120,6 +121,8 @@ def run_heldout(args: argparse.Namespace) -> dict:
     from antlm_dist.export import load_pretrained, read_antlm_meta
     from antlm_dist.data.blocks import cache_key, load_blocks
     from antlm_dist.data.pipeline import make_collators
+    from antlm_dist.mixing import collators_for
+    from antlm_dist.schedule import parse_schedule, schedule_objectives
 
     device = _device(args.device)
     model, tok = load_pretrained(args.model, device)
@@ -140,14 +143,19 @@ def run_heldout(args: argparse.Namespace) -> dict:
     if max_blocks is not None:
         blocks = blocks[:max_blocks]
     clm, mlm = make_collators(recipe, tok)
+    # as the trainer evaluates: MNTP too when the run's schedule trained it
+    extra = {"mntp": collators_for(clm, mlm)["MNTP"]} if "MNTP" in schedule_objectives(
+        parse_schedule(recipe.objective.schedule)) else {}
     t0 = time.perf_counter()
-    print(f"evaluating {blocks.shape[0]} blocks (CLM, then MLM) ...", file=sys.stderr, flush=True)
-    res = evaluate_heldout(model, blocks, clm, mlm, args.batch_size, device)
+    print(f"evaluating {blocks.shape[0]} blocks ({', then '.join(['CLM', 'MLM', *(k.upper() for k in extra)])}) ...",
+          file=sys.stderr, flush=True)
+    res = evaluate_heldout(model, blocks, clm, mlm, args.batch_size, device, extra=extra)
     report = {"model": str(args.model), "corpus": corpus.root, "blocks": int(blocks.shape[0]), "seq_len": seq_len,
               "wall_time_s": time.perf_counter() - t0, **res}
     print(f"CLM loss {res['clm']['loss']:.4f} nats/token (ppl {res['clm']['ppl']:.2f}) | MLM loss "
-          f"{res['mlm']['loss']:.4f} (accuracy {res['mlm']['accuracy']:.3f}) on {blocks.shape[0]} blocks of "
-          f"{seq_len} tokens")
+          f"{res['mlm']['loss']:.4f} (accuracy {res['mlm']['accuracy']:.3f})"
+          + "".join(f" | {k.upper()} loss {res[k]['loss']:.4f} (accuracy {res[k]['accuracy']:.3f})" for k in extra)
+          + f" on {blocks.shape[0]} blocks of {seq_len} tokens")
     if args.out:
         _write_json(Path(args.out), report)
     return report
@@ -223,7 +231,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="hide the progress bar (it shows only when stderr is a terminal, or with ANTLM_PROGRESS=1)")
     b.set_defaults(func=run_blimp)
 
-    h = sub.add_parser("heldout", help="CLM perplexity and MLM loss/accuracy on the corpus's .dev files")
+    h = sub.add_parser("heldout", help="CLM perplexity and MLM loss/accuracy (and MNTP's when the schedule trained it) "
+                                    "on the corpus's .dev files")
     h.add_argument("--model", required=True, help="folder written by antlm-export")
     h.add_argument("--corpus", default="bundled", help="corpus folder in the BabyLM layout, or 'bundled'")
     h.add_argument("--max-blocks", type=int, default=None,
