@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import math
 import os
@@ -17,12 +16,12 @@ import sys
 import threading
 import time
 import warnings
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from antlm_dist.config import ConfigError, Recipe
+from antlm_dist.ds_json import read_ds_json, resolve_ds_config_path  # noqa: F401 - resolve_ds_config_path re-exported
 
 
 # ----------------------------------------------------------------------------- process group
@@ -215,24 +214,6 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 # ----------------------------------------------------------------------------- DeepSpeed config
 
-def resolve_ds_config_path(name_or_path: str) -> Path:
-    """A path, or a file name in the shipped ``ds_configs/``.
-
-    Raises:
-        ConfigError: neither exists.
-    """
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    shipped = resources.files("antlm_dist.ds_configs") / p.name
-    if shipped.is_file():
-        return Path(str(shipped))
-    names = sorted(x.name for x in resources.files("antlm_dist.ds_configs").iterdir() if x.name.endswith(".json"))
-    raise ConfigError(
-        f"distributed.deepspeed_config={name_or_path!r}: no such file; shipped configs: {', '.join(names)}"
-    )
-
-
 def resolve_precision(recipe: Recipe, device: torch.device) -> str:
     p = recipe.train.precision
     if p == "auto":
@@ -241,37 +222,17 @@ def resolve_precision(recipe: Recipe, device: torch.device) -> str:
 
 
 def build_ds_config(recipe: Recipe, world_size: int, device: torch.device, recipe_source: str = "the recipe") -> dict:
-    """Load the DeepSpeed JSON and fill its ``"auto"`` fields from the recipe.
+    """Load the DeepSpeed JSON and fill its ``"auto"`` fields from the recipe: the batch and
+    clipping fields in :func:`antlm_dist.ds_json.read_ds_json` (no torch), the precision
+    sections here (they depend on ``device``).
 
     Raises:
         ConfigError: unreadable JSON, or a concrete value that contradicts the recipe
             (naming the JSON file, the recipe and both values).
     """
-    path = resolve_ds_config_path(recipe.distributed.deepspeed_config)
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from exc
-    _check_zero_stage(cfg, path)
+    path, cfg = read_ds_json(recipe, world_size, recipe_source)  # torch-free part: file, stage, batch fields
     t = recipe.train
     precision = resolve_precision(recipe, device)
-    wanted = {
-        "train_micro_batch_size_per_gpu": (t.micro_batch_size, "train.micro_batch_size"),
-        "gradient_accumulation_steps": (t.gradient_accumulation_steps, "train.gradient_accumulation_steps"),
-        "train_batch_size": (t.micro_batch_size * t.gradient_accumulation_steps * world_size,
-                             f"train.micro_batch_size × train.gradient_accumulation_steps × world size {world_size}"),
-        "gradient_clipping": (t.grad_clip, "train.grad_clip"),
-    }
-    for key, (value, field) in wanted.items():
-        have = cfg.get(key, "auto")
-        if have == "auto":
-            cfg[key] = value
-        elif have != value:
-            raise ConfigError(
-                f"{path} sets {key}={have} but {recipe_source} gives {field} = {value}; set "
-                f"{key} to \"auto\" in {path.name} (batch sizes and clipping belong in the recipe) "
-                "or change the recipe to match"
-            )
     for key, want in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
         section = cfg.setdefault(key, {"enabled": "auto"})
         have = section.get("enabled", "auto")
@@ -289,28 +250,7 @@ def build_ds_config(recipe: Recipe, world_size: int, device: torch.device, recip
         for k, v in fills.items():
             if params.get(k, "auto") == "auto":
                 params[k] = v
-    if "scheduler" in cfg:
-        raise ConfigError(
-            f"{path} has a \"scheduler\" section; the LR schedule comes from the recipe "
-            "(train.lr, train.warmup_steps, train.min_lr_ratio): remove that section"
-        )
     return cfg
-
-
-def _check_zero_stage(cfg: dict, path: Path) -> None:
-    """ZeRO (Rajbhandari et al. 2020) has stages 0-3; DeepSpeed itself fails on another value
-    only after the model is built, with a traceback.
-
-    Raises:
-        ConfigError: naming the JSON file, the value and the allowed stages.
-    """
-    section = cfg.get("zero_optimization", {})
-    stage = section.get("stage", 0) if isinstance(section, dict) else section
-    if not isinstance(section, dict) or isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-        raise ConfigError(
-            f"{path} sets zero_optimization.stage={stage!r}; ZeRO stages are 0, 1, 2 and 3: set one of them "
-            "in that file, or name a shipped config with distributed.deepspeed_config=zero2.json"
-        )
 
 
 def zero_stage(ds_config: dict) -> int:

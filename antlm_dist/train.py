@@ -17,6 +17,7 @@ import sys
 from antlm_dist.config import ConfigError, load_recipe
 from antlm_dist.data.block_count import check_training_blocks
 from antlm_dist.data.corpus import find_corpus
+from antlm_dist.ds_json import read_ds_json
 
 log = logging.getLogger("antlm_dist")
 
@@ -102,6 +103,7 @@ def preflight(args: argparse.Namespace, world_size: int, read_corpus: bool = Tru
     check_trackers(recipe.logging)
     RunFolder(args.output_dir).check(args.resume, args.overwrite)
     corpus = find_corpus(recipe.data.corpus, validate=read_corpus)
+    read_ds_json(recipe, world_size, str(args.config))  # the file, its ZeRO stage and batch fields, before torch
     from antlm_dist.distributed import build_ds_config, check_build_locks, zero_stage
     from antlm_dist.model.backends import check_model_backends
     from antlm_dist.speedups import resolve_compile, single_rank_ds_config

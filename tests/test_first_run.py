@@ -31,9 +31,14 @@ def _fresh_python(code: str) -> subprocess.CompletedProcess:
 
 # ----------------------------------------------------------------------------- fast command lines
 
-def test_help_and_recipe_errors_import_no_torch():
-    """--help of every command, and a recipe error, answer before torch (or DeepSpeed,
+def test_help_and_recipe_errors_import_no_torch(tmp_path):
+    """--help of every command, a recipe error and a broken DeepSpeed JSON (syntax, ZeRO
+    stage, a batch size against the recipe) answer before torch (or DeepSpeed,
     transformers, Triton, datasets) is imported."""
+    broken = {"syntax": '{"zero_optimization": {"stage": 2}', "stage": '{"zero_optimization": {"stage": 7}}',
+              "batch": '{"train_micro_batch_size_per_gpu": 3}'}
+    for name, text in broken.items():
+        (tmp_path / f"{name}.json").write_text(text)
     code = f"""
 import contextlib, io, json, sys
 from antlm_dist import cli
@@ -49,6 +54,12 @@ err = io.StringIO()
 with contextlib.redirect_stderr(err):
     code = cli.train_main(["--output-dir", "/nonexistent-parent/run", "train.lr=-1"])
 out["bad_recipe"] = [code, err.getvalue()]
+for name in {sorted(broken)!r}:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli.train_main(["--output-dir", {str(tmp_path / "run")!r}, "--config", "demo-cpu",
+                               "distributed.deepspeed_config=" + {str(tmp_path)!r} + "/" + name + ".json"])
+    out["bad_json_" + name] = [code, err.getvalue()]
 out["heavy"] = sorted(m for m in {HEAVY!r} if m in sys.modules)
 print(json.dumps(out))
 """
@@ -59,7 +70,14 @@ print(json.dumps(out))
         assert out[name] == [0, True], name
     code, err = out["bad_recipe"]
     assert code == 2 and err.strip() == "antlm-train: error: train.lr=-1.0 must be > 0"
+    for name, expected in (("syntax", "syntax.json is not valid JSON: Expecting ',' delimiter"),
+                           ("stage", "stage.json sets zero_optimization.stage=7; ZeRO stages are 0, 1, 2 and 3"),
+                           ("batch", "batch.json sets train_micro_batch_size_per_gpu=3 but demo-cpu gives "
+                                     "train.micro_batch_size = 16")):
+        code, err = out[f"bad_json_{name}"]
+        assert code == 2 and expected in err and "Traceback" not in err, (name, err)
     assert out["heavy"] == []
+    assert not (tmp_path / "run").exists()
     assert not Path("/nonexistent-parent").exists()
 
 
