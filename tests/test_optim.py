@@ -65,12 +65,14 @@ def test_optim_default_and_bad_value():
 
 
 @pytest.mark.slow
-def test_one_rank_zero0_skips_the_allreduce_bit_for_bit():
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_rank_zero0_skips_the_allreduce_bit_for_bit(precision):
     """torchrun, 1 rank: three ZeRO-0 steps without DeepSpeed's all-reduce equal the steps
     with it (every parameter ``torch.equal``), and the all-reduce is never called."""
-    proc = run_torchrun(REPO / "tests" / "dist_scripts" / "one_rank_step.py", [], nproc=1, timeout=300)
+    proc = run_torchrun(REPO / "tests" / "dist_scripts" / "one_rank_step.py", [precision], nproc=1, timeout=300)
     assert_ok(proc)
-    assert "OK one rank: 3 ZeRO-0 steps bit-identical without the all-reduce (6 calls skipped)" in proc.stdout
+    assert (f"OK one rank, {precision}: 3 ZeRO-0 steps bit-identical without the all-reduce (6 calls skipped)"
+            in proc.stdout)
 
 
 def test_the_interpreters_ninja_comes_first(monkeypatch, tmp_path):

@@ -1,10 +1,13 @@
 """Run under torchrun with 1 rank: ZeRO-0 steps without DeepSpeed's gradient all-reduce
 equal the steps with it, bit for bit, and the all-reduce really is skipped.
 
+``one_rank_step.py fp32|bf16`` (bf16: DeepSpeed's BF16_Optimizer with fp32 master weights).
 Two engines start from the same weights: one as :func:`antlm_dist.distributed.build_engine`
 leaves it (all-reduce off on one rank), the reference with DeepSpeed's all-reduce turned back
 on. Both take the same three optimizer steps (2 micro-batches each, clipping and AdamW).
 """
+import sys
+
 import torch
 
 from antlm_dist.config import load_recipe
@@ -28,8 +31,8 @@ def _engine(recipe, init_state, device, allreduce: bool):
     return engine, calls
 
 
-def main() -> None:
-    recipe = load_recipe(None, [
+def main(precision: str) -> None:
+    recipe = load_recipe(None, [f"train.precision={precision}",
         "model.vocab_size=64", "model.hidden_size=32", "model.intermediate_size=48", "model.num_hidden_layers=2",
         "model.num_attention_heads=2", "model.max_position_embeddings=32", "data.seq_len=16",
         "train.micro_batch_size=3", "train.gradient_accumulation_steps=2", "train.grad_clip=0.5",
@@ -58,8 +61,9 @@ def main() -> None:
     assert moved > 1e-3, moved  # the steps really changed the weights
     # DeepSpeed calls it after every backward (it reduces only at the accumulation boundary)
     assert skipped_calls == [] and len(reference_calls) == 6, (skipped_calls, reference_calls)
-    print(f"OK one rank: 3 ZeRO-0 steps bit-identical without the all-reduce ({len(reference_calls)} calls skipped)")
+    print(f"OK one rank, {precision}: 3 ZeRO-0 steps bit-identical without the all-reduce "
+          f"({len(reference_calls)} calls skipped)")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1])
