@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from antlm_dist.config import ConfigError, Recipe
-from antlm_dist.ds_json import read_ds_json, resolve_ds_config_path  # noqa: F401 - resolve_ds_config_path re-exported
+from antlm_dist.ds_json import read_ds_json
 
 
 # ----------------------------------------------------------------------------- process group
@@ -283,10 +283,19 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_lr_ratio: float):
 
 
 def build_adamw(params, t) -> torch.optim.AdamW:
-    """torch AdamW (Loshchilov & Hutter 2019) with the recipe's ``train`` hyper-parameters;
-    ``fused=True`` when ``train.optim`` is ``adamw_torch_fused``. The fused kernel updates
-    every tensor of a group in one pass instead of ~10 elementwise passes per parameter:
-    on CPU at BabyLlama-58M, 0.07 s instead of 0.31 s per step (one thread)."""
+    """torch AdamW (Loshchilov & Hutter 2019, decoupled weight decay) with the recipe's
+    ``train`` hyper-parameters; ``fused=True`` when ``train.optim`` is ``adamw_torch_fused``.
+    The fused kernel updates every tensor of a group in one pass instead of ~10 elementwise
+    passes per parameter: on CPU at BabyLlama-58M, 0.07 s instead of 0.31 s per step (one thread).
+
+    Args:
+        params: parameter groups (:func:`param_groups`); fp32, bf16 or fp16 tensors on CPU or CUDA.
+        t: the recipe's :class:`~antlm_dist.config.TrainConfig`.
+
+    Raises:
+        RuntimeError: from torch, when ``fused`` meets a parameter on a device or of a dtype its
+            kernel does not support.
+    """
     return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                              fused=True if t.optim == "adamw_torch_fused" else None)
 
