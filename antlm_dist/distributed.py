@@ -338,6 +338,9 @@ def skip_single_rank_allreduce(engine) -> bool:
     all-reduce (an average over one rank) is the identity, so the gradients are bit-identical
     without it. ZeRO 1–3 reduce inside their own optimizer and are left as they are.
 
+    Args:
+        engine: the ``DeepSpeedEngine`` that ``deepspeed.initialize`` returned.
+
     Returns:
         True when the all-reduce was turned off (ZeRO-0 on a world of one rank).
     """
