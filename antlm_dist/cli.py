@@ -100,7 +100,7 @@ def _dry_run(args, recipe, corpus, nproc: int) -> int:
 
 
 def export_main(argv: list[str] | None = None) -> int:
-    from antlm_dist.export import main
+    from antlm_dist.export_cli import main
 
     return main(argv)
 

@@ -1,4 +1,5 @@
-"""``antlm-export``: a DeepSpeed checkpoint of any ZeRO stage and world size → a Hugging Face folder.
+"""A DeepSpeed checkpoint of any ZeRO stage and world size → a Hugging Face folder (the
+library behind ``antlm-export``, whose command line is :mod:`antlm_dist.export_cli`).
 
 The exported folder loads offline through ``AutoModelForCausalLM``, ``AutoModelForMaskedLM``,
 ``AutoModel`` and ``AutoModelForSequenceClassification`` with ``trust_remote_code=True``
@@ -35,22 +36,23 @@ to add another backbone.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
 import shutil
-import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from antlm_dist import __version__
 from antlm_dist.config import ModelConfig, Recipe, recipe_from_dict
+from antlm_dist.words import milestone_name
 
 if TYPE_CHECKING:  # torch and the checkpoint module are imported where used: ``--help`` must not wait for them
     import torch
 
     from antlm_dist.checkpoint import ClientState
+
+log = logging.getLogger("antlm_dist")
 
 ANTLM_CONFIG_KEY = "antlm"
 """Key in ``config.json`` under which the AntLM metadata is stored (a dict)."""
@@ -290,6 +292,50 @@ def export_checkpoint(checkpoint: Path | str, out: Path | str, *, overwrite: boo
     return write_hf_folder(Path(out), recipe, sd, tok_dir, meta, overwrite=overwrite)
 
 
+# ----------------------------------------------------------------------------- milestones
+
+def export_milestones(tag_dir: Path, hf_dir: Path, milestones: list[int]) -> list[dict]:
+    """Export checkpoint ``tag_dir`` to ``hf_dir/chck_<name>`` for each milestone (rank 0 only).
+
+    The export is :func:`antlm_dist.export.export_checkpoint` (what ``antlm-export`` runs: the
+    ZeRO shards of any stage merged to fp32) into ``chck_<name>.tmp``, renamed into place when
+    complete; further milestones reached by the same step get a copy of that folder. It runs in
+    this process: as ``antlm-export`` in a subprocess, re-importing torch, DeepSpeed and
+    transformers took 30-40 s of the other ranks' waiting. Building the HF model draws from
+    torch's random generator, so the export runs under ``torch.random.fork_rng``: the
+    training's random stream is the same with or without milestones.
+
+    Returns:
+        One record per milestone: ``{"milestone", "path"}``, or ``{"milestone", "error"}``
+        when the export failed (logged with the command that retries it; training goes on).
+    """
+    import torch
+
+    records, first = [], None
+    for words in milestones:
+        final = Path(hf_dir) / f"chck_{milestone_name(words)}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if first is None:
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    export_checkpoint(tag_dir, tmp, overwrite=True)
+            except Exception as exc:  # noqa: BLE001 - any failure is reported, and training goes on
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = f"{type(exc).__name__}: {exc}"
+                log.error("the export for milestone %d words failed; retry with: antlm-export --checkpoint %s "
+                          "--out %s\n%s", words, tag_dir, final, error)
+                return records + [{"milestone": words, "error": error}]
+        else:
+            shutil.copytree(first, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        first = first or final
+        log.info("milestone %s words: exported %s to %s", f"{words:,}", tag_dir.name, final)
+        records.append({"milestone": words, "path": str(final)})
+    return records
+
+
 # ----------------------------------------------------------------------------- loading back
 
 def read_antlm_meta(folder: Path | str) -> dict:
@@ -356,42 +402,3 @@ def load_pretrained(folder: Path | str, device: str | torch.device = "cpu"):
     model = build_model(model_cfg)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.to(device).eval(), tok
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="antlm-export",
-        description="Export an antlm-train checkpoint (any ZeRO stage, any world size) to a Hugging Face folder.",
-    )
-    p.add_argument("--checkpoint", required=True,
-                   help="run folder, its checkpoints/ folder (latest complete tag) or a checkpoints/stepNNNNNNNN folder")
-    p.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, tokenizer)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--untrained", action="store_true",
-                   help="write the run's recipe and tokenizer with freshly initialised weights (step 0 baseline)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
-    from antlm_dist.checkpoint import CheckpointError
-
-    t0 = time.perf_counter()
-    try:
-        ckpt_dir, tag, _ = resolve_checkpoint(args.checkpoint)  # a bad path fails with one line, before this one
-        print(f"exporting {ckpt_dir / tag} to {args.out}: consolidating the ZeRO shards, then writing "
-              "safetensors ...", file=sys.stderr, flush=True)  # the slow stage has no natural unit for a bar
-        out = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, untrained=args.untrained)
-    except (ValueError, CheckpointError) as exc:  # ExportError, ConfigError, TokenizerError
-        print(f"antlm-export: error: {exc}", file=sys.stderr)
-        return 2
-    meta = read_antlm_meta(out)
-    print(f"exported {'untrained ' if meta.get('untrained') else ''}step {meta.get('step')} "
-          f"({meta.get('schedule')}) to {out} in {time.perf_counter() - t0:.1f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

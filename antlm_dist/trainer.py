@@ -42,6 +42,7 @@ from antlm_dist.data.sampler import DistributedResumableSampler
 from antlm_dist.distributed import (all_reduce_sum, build_ds_config, build_engine, dist_env, resolve_precision,
                                     world_info, zero_stage)
 from antlm_dist.eval.heldout import evaluate_heldout
+from antlm_dist.export import export_milestones
 from antlm_dist.metrics import MetricsWriter, drop_records_after
 from antlm_dist.mixing import collators_for, mixed_batch_step, mixed_loss, objective_fields
 from antlm_dist.model import build_model
@@ -56,7 +57,7 @@ from antlm_dist.speedups import compile_layers, resolve_compile, single_rank_ds_
 from antlm_dist.telemetry import Telemetry
 from antlm_dist.telemetry.flops import FlopModel, mfu, peak_flops_per_device
 from antlm_dist.trackers import build_trackers
-from antlm_dist.words import Milestones, WordCounter, export_milestones, parse_word_count
+from antlm_dist.words import Milestones, WordCounter, parse_word_count
 
 log = logging.getLogger("antlm_dist")
 

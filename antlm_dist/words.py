@@ -1,4 +1,5 @@
-"""Words seen: the BabyLM measure of training data, its budget and its milestone exports.
+"""Words seen: the BabyLM measure of training data, its budget and its milestones (exported by
+:func:`antlm_dist.export.export_milestones`).
 
 BabyLM counts words as whitespace-separated strings of the training text (Warstadt et al.
 2023; the 2025 call caps the strict tracks at 100M words seen, epochs included, and asks
@@ -23,17 +24,10 @@ whole millions (the BabyLM names), else ``50k`` for whole thousands, else the pl
 """
 from __future__ import annotations
 
-import logging
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-
-log = logging.getLogger("antlm_dist")
 
 BABYLM_2025_MILESTONES = tuple([m * 10**6 for m in range(1, 11)] + [m * 10**6 for m in range(20, 101, 10)])
 """Words seen at the BabyLM 2025 intermediate checkpoints: 1M … 10M, then 20M … 100M."""
@@ -165,40 +159,3 @@ class WordCounter:
                 return done + int(np.searchsorted(cum, budget - seen, side="right")) - 1
             done, seen = done + len(cum) - 1, seen + int(cum[-1])
         return n_steps
-
-
-# ----------------------------------------------------------------------------- exporting
-
-def export_milestones(tag_dir: Path, hf_dir: Path, milestones: list[int]) -> list[dict]:
-    """Export checkpoint ``tag_dir`` to ``hf_dir/chck_<name>`` for each milestone (rank 0 only).
-
-    The export is ``python -m antlm_dist.export`` (the ``antlm-export`` command, which merges
-    the ZeRO shards of any stage to fp32) into ``chck_<name>.tmp``, renamed into place when
-    complete; further milestones reached by the same step get a copy of that folder.
-
-    Returns:
-        One record per milestone: ``{"milestone", "path"}``, or ``{"milestone", "error"}``
-        when the export failed (logged with the command that retries it; training goes on).
-    """
-    records, first = [], None
-    for words in milestones:
-        final = Path(hf_dir) / f"chck_{milestone_name(words)}"
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if first is None:
-            cmd = [sys.executable, "-m", "antlm_dist.export", "--checkpoint", str(tag_dir), "--out", str(tmp),
-                   "--overwrite"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                error = (proc.stdout + proc.stderr).strip()[-2000:]
-                log.error("the export for milestone %d words failed; retry with: antlm-export --checkpoint %s "
-                          "--out %s\n%s", words, tag_dir, final, error)
-                return records + [{"milestone": words, "error": error}]
-        else:
-            shutil.copytree(first, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        first = first or final
-        log.info("milestone %s words: exported %s to %s", f"{words:,}", tag_dir.name, final)
-        records.append({"milestone": words, "path": str(final)})
-    return records

@@ -22,7 +22,8 @@ from antlm_dist.eval import cli as eval_cli
 from antlm_dist.eval.blimp import (BlimpFormatError, MinimalPair, SentenceTooLongError, clm_scores, format_markdown,
                                    pll_scores, read_blimp, read_blimp_file, score_pairs, summarize)
 from antlm_dist.export import (ExportError, _builders, consolidate_state_dict, export_checkpoint, load_pretrained,
-                               main as export_main, read_antlm_meta, resolve_checkpoint)
+                               read_antlm_meta, resolve_checkpoint)
+from antlm_dist.export_cli import main as export_main
 from antlm_dist.metrics import read_metrics
 from antlm_dist.model import build_model
 from antlm_testutil import assert_ok, run_cli, shared_path, tiny_args_for

@@ -15,7 +15,7 @@ from antlm_testutil import REPO
 
 PACKAGE_DIRS = {"antlm_dist": REPO / "antlm_dist", "antlm_dist.kernels": REPO / "kernels",
                 "antlm_dist.recipes": REPO / "recipes", "antlm_dist.ds_configs": REPO / "ds_configs"}
-CLI_MODULES = {"antlm_dist.cli", "antlm_dist.train", "antlm_dist.eval.cli", "antlm_dist.bench.cli", "antlm_dist.export",
+CLI_MODULES = {"antlm_dist.cli", "antlm_dist.train", "antlm_dist.eval.cli", "antlm_dist.bench.cli", "antlm_dist.export_cli",
                "antlm_dist.study.cli"}
 """Modules that are console entry points (``antlm_dist.checkpoint`` has a small ``main`` too,
 but it is a library module first)."""

@@ -17,7 +17,7 @@ from antlm_dist.data.sampler import DistributedResumableSampler
 from antlm_dist.data.tokenizer import load_tokenizer, tokenizer_hash
 from antlm_dist.metrics import read_metrics
 from antlm_dist.words import BABYLM_2025_MILESTONES, Milestones, WordCounter, milestone_name, parse_word_count
-from antlm_testutil import assert_ok, free_port, run_cli, tiny_args_for
+from antlm_testutil import TINY, assert_ok, free_port, run_cli, tiny_args_for
 
 LINES = [
     "The cat sat on the mat.",
@@ -297,3 +297,27 @@ def test_antlm_train_refuses_a_bad_milestone_before_writing_anything(tmp_path, c
     assert code == 2
     assert "checkpoint.milestones_words[1]=2.5 is not a whole number of words" in err, err
     assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_milestone_exports_leave_the_training_random_stream_alone(tmp_path, data_cache):
+    """LTG-BERT trains with dropout drawn from torch's global generator, and a milestone export
+    builds an HF model (a random initialisation) in rank 0's process: a 2-rank run with three
+    milestones gives exactly the losses of the same run without any."""
+    from antlm_dist.data.corpus import find_corpus
+    from antlm_dist.data.tokenizer import save_tokenizer, train_tokenizer
+
+    wordpiece = save_tokenizer(train_tokenizer(find_corpus("bundled").train[:2], 512, 2, "wordpiece"), tmp_path / "wp")
+    common = ["--config", "ltg-bert-demo-cpu", *TINY, "objective.schedule=1_CLM+1_MLM", f"tokenizer.path={wordpiece}",
+              f"data.cache_dir={data_cache}", "checkpoint.at_phase_switch=false", "eval.at_phase_end=false"]
+    losses = {}
+    for name, milestones in (("none", "none"), ("three", "[500, 1000, 1500]")):
+        out = tmp_path / name
+        assert_ok(run_cli(["--output-dir", str(out), *common, f"checkpoint.milestones_words={milestones}"]))
+        losses[name] = read_metrics(out / "metrics.jsonl", "train")
+    exported = sorted(p.name for p in (tmp_path / "three" / "hf").iterdir())
+    assert exported == ["chck_1500", "chck_1k", "chck_500"], exported
+    assert not (tmp_path / "none" / "hf").exists()
+    first = read_metrics(tmp_path / "three" / "metrics.jsonl", "milestone")[0]["step"]
+    assert first < len(losses["none"]) - 2  # steps after a milestone are compared
+    assert [r["loss"] for r in losses["three"]] == [r["loss"] for r in losses["none"]]

@@ -179,7 +179,7 @@ def export_stage(run: RunSpec, out: Path) -> None:
     Raises:
         RunFailed: antlm-export refused the checkpoint.
     """
-    from antlm_dist.export import main as export_main
+    from antlm_dist.export_cli import main as export_main
 
     rdir = run_dir(out, run)
     final = rdir / "export"
