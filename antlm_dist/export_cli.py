@@ -16,6 +16,7 @@ from antlm_dist.export import export_checkpoint, read_antlm_meta, resolve_checkp
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
+    """``--checkpoint``, ``--out``, ``--overwrite``, ``--untrained``."""
     p = argparse.ArgumentParser(
         prog="antlm-export",
         description="Export an antlm-train checkpoint (any ZeRO stage, any world size) to a Hugging Face folder.",
@@ -30,6 +31,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``antlm-export``; returns the exit status (0 written, 2 on a bad checkpoint, folder,
+    recipe or tokenizer, reported in one line on stderr)."""
     args = build_arg_parser().parse_args(argv)
     from antlm_dist.checkpoint import CheckpointError
 
