@@ -178,12 +178,24 @@ def init_distributed(recipe: Recipe, device: torch.device) -> None:
         # Surface a hung or failed NCCL collective as an error instead of a silent hang.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:  # no launcher: one rank in this process
+        # a free port rather than torch's usual 29500, so one-rank runs side by side do not collide
+        os.environ["MASTER_PORT"] = str(free_port())
     with reporting_build_locks():  # on CPU DeepSpeed loads (or builds) its shared-memory op here
         deepspeed.init_distributed(
             dist_backend=backend, verbose=False,
             timeout=datetime.timedelta(minutes=recipe.distributed.timeout_minutes),
         )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now (the OS picks it; another process may take it
+    before it is bound again, which a rendezvous then reports as ``EADDRINUSE``)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def world_info() -> tuple[int, int]:

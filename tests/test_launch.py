@@ -103,3 +103,19 @@ def test_comm_failure_message_names_the_lost_rank():
     assert "timed out after distributed.timeout_minutes=5" in comm_failure_message(timeout, table, 1, 4, 5)
     assert not is_comm_failure(ValueError("bad recipe"))
     assert format_rank_table(table) == "node1: rank 0; node2: ranks 1,2; node3: rank 3"
+
+
+@pytest.mark.slow
+def test_two_one_rank_runs_side_by_side_do_not_collide(tmp_path, tiny_args):
+    """``antlm-train --nproc-per-node 1`` runs its rank in its own process without a launcher;
+    two such runs started together on one machine each find a free rendezvous port (a fixed
+    default port made the second fail with EADDRINUSE) and train the same losses."""
+    env = {k: v for k, v in _env().items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    args = [*tiny_args, "objective.schedule=1_CLM", "checkpoint.milestones_words=none"]
+    procs = [subprocess.Popen([sys.executable, "-m", "antlm_dist.cli", "--output-dir", str(tmp_path / name),
+                               "--nproc-per-node", "1", *args], env=env, cwd=str(REPO), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in ("a", "b")]
+    results = [p.communicate(timeout=600) for p in procs]
+    for proc, (out, err) in zip(procs, results):
+        assert proc.returncode == 0, err[-3000:]
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b") != {}

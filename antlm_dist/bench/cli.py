@@ -63,12 +63,6 @@ def _csv(text: str | None, cast=str) -> list:
     return [cast(x.strip()) for x in text.split(",") if x.strip()] if text else []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _load_average() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -266,13 +260,13 @@ def _compile_options(args: argparse.Namespace, device) -> dict:
 
 def _init_single_process(recipe, device) -> None:
     """A process group of one rank (DeepSpeed needs one), on a free port."""
-    from antlm_dist.distributed import init_distributed
+    from antlm_dist.distributed import free_port, init_distributed
 
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     init_distributed(recipe, device)
 
 
