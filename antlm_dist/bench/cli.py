@@ -259,14 +259,12 @@ def _compile_options(args: argparse.Namespace, device) -> dict:
 
 
 def _init_single_process(recipe, device) -> None:
-    """A process group of one rank (DeepSpeed needs one), on a free port."""
-    from antlm_dist.distributed import free_port, init_distributed
+    """A process group of one rank (DeepSpeed needs one); ``init_distributed`` picks a free port."""
+    from antlm_dist.distributed import init_distributed
 
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
     init_distributed(recipe, device)
 
 
