@@ -6,12 +6,13 @@ with a ``conftest`` module of a sub-folder).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from antlm_dist.distributed import free_port  # noqa: F401 - the tests' rendezvous ports
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -120,9 +121,3 @@ def assert_compile_for_sm90(specs: list[dict], cache_dir: Path) -> None:
         pytest.skip("ptxas is not available")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for a rendezvous or MASTER_PORT)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
