@@ -20,6 +20,16 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wordpiece(tmp_path_factory) -> Path:
+    """A 512-token WordPiece tokenizer (LTG-BERT's kind) trained once on the bundled corpus."""
+    from antlm_dist.data.corpus import find_corpus
+    from antlm_dist.data.tokenizer import save_tokenizer, train_tokenizer
+
+    return save_tokenizer(train_tokenizer(find_corpus("bundled").train[:2], 512, 2, "wordpiece"),
+                          tmp_path_factory.mktemp("wordpiece"))
+
+
+@pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data_cache")
 

@@ -33,15 +33,6 @@ PAIRS = [("The cat sat on the mat.", "The cat sat the on mat."), ("These dogs ba
 
 
 @pytest.fixture(scope="module")
-def wordpiece(tmp_path_factory) -> Path:
-    from antlm_dist.data.corpus import find_corpus
-    from antlm_dist.data.tokenizer import save_tokenizer, train_tokenizer
-
-    return save_tokenizer(train_tokenizer(find_corpus("bundled").train[:2], 512, 2, "wordpiece"),
-                          tmp_path_factory.mktemp("wordpiece"))
-
-
-@pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_tokenizer, wordpiece, data_cache) -> dict[str, Path]:
     """{arch: exported folder} of a trained 1-rank run each (CLM phase then MLM phase)."""
     common = [*TINY, "objective.schedule=1_CLM+1_MLM", "distributed.nproc_per_node=1", f"data.cache_dir={data_cache}"]

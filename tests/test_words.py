@@ -300,14 +300,10 @@ def test_antlm_train_refuses_a_bad_milestone_before_writing_anything(tmp_path, c
 
 
 @pytest.mark.slow
-def test_milestone_exports_leave_the_training_random_stream_alone(tmp_path, data_cache):
+def test_milestone_exports_leave_the_training_random_stream_alone(tmp_path, data_cache, wordpiece):
     """LTG-BERT trains with dropout drawn from torch's global generator, and a milestone export
     builds an HF model (a random initialisation) in rank 0's process: a 2-rank run with three
     milestones gives exactly the losses of the same run without any."""
-    from antlm_dist.data.corpus import find_corpus
-    from antlm_dist.data.tokenizer import save_tokenizer, train_tokenizer
-
-    wordpiece = save_tokenizer(train_tokenizer(find_corpus("bundled").train[:2], 512, 2, "wordpiece"), tmp_path / "wp")
     common = ["--config", "ltg-bert-demo-cpu", *TINY, "objective.schedule=1_CLM+1_MLM", f"tokenizer.path={wordpiece}",
               f"data.cache_dir={data_cache}", "checkpoint.at_phase_switch=false", "eval.at_phase_end=false"]
     losses = {}
